@@ -1,0 +1,152 @@
+"""``compress()``: the one entry point the CLI and export pipelines share.
+
+``compress(model, recipe, data=...)`` loads (a copy of) the model, runs the recipe's passes through
+the :class:`~onnxcompress.passes.base.Pipeline`, exports the result, verifies it with onnxruntime
+against the original (unless the recipe turns verification off) and returns a
+:class:`CompressResult`. It never mutates the caller's ModelProto and never writes files;
+:meth:`CompressResult.save` does, atomically, and refuses to save a result that failed parity
+unless told to.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxcompress.context import Context
+from onnxcompress.errors import ParityError, RecipeError
+from onnxcompress.graph.io import ModelLike, ModelSource, graph_to_model, model_to_graph, open_model, save
+from onnxcompress.passes.base import Pipeline
+from onnxcompress.recipe import Recipe
+from onnxcompress.report import ModelStats, Report
+
+__all__ = ["compress", "CompressResult", "resolve_recipe"]
+
+
+@dataclass
+class CompressResult:
+    """The compressed model, the report and the parity result (None when verification was off).
+
+    Tensors no pass touched may still refer to the input's external data (``base_dir``);
+    :meth:`save` copies them into the output.
+    """
+
+    model: onnx.ModelProto
+    report: Report
+    parity: Any = None
+    base_dir: Path | None = None
+    source_path: Path | None = None
+    external_data: bool | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.parity is None or bool(self.parity.passed)
+
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None, force: bool = False) -> Path:
+        """Write the model atomically; refuse when parity failed unless ``force``."""
+        if not self.passed and not force:
+            raise ParityError("the compressed model failed verification; not saved", parity=self.parity,
+                              where=f"save {str(path)!r}",
+                              hint="inspect the parity report, relax the recipe, or save with force=True")
+        protected: tuple = ()
+        if self.source_path is not None:
+            protected = (self.source_path,)
+            if self.base_dir is not None:
+                from onnxcompress.graph.io import _external_info, _is_external, iter_tensor_protos
+
+                protected += tuple({self.base_dir / _external_info(t)["location"]
+                                    for t, _ in iter_tensor_protos(self.model.graph) if _is_external(t)})
+        ext = external_data if external_data is not None else self.external_data
+        save(self.model, path, base_dir=self.base_dir, external_data=ext, protected=protected)
+        if self.report.output is not None:
+            self.report.output.size_bytes = _file_size(Path(path))
+        return Path(path)
+
+
+def _file_size(path: Path) -> int:
+    size = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return size + (data.stat().st_size if data.exists() else 0)
+
+
+def resolve_recipe(recipe: Recipe | dict | str | os.PathLike | None) -> Recipe:
+    """A Recipe from a Recipe, a dict, a recipe file path, or None (the lossless default)."""
+    if recipe is None:
+        from onnxcompress.recipes import default_recipe
+
+        return default_recipe()
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, os.PathLike)):
+        return Recipe.from_file(recipe)
+    raise RecipeError(f"cannot use a {type(recipe).__name__} as a recipe", where="compress",
+                      hint="pass a Recipe, a dict or a recipe file path")
+
+
+def compress(
+    model: ModelLike | ModelSource,
+    recipe: Recipe | dict | str | os.PathLike | None = None,
+    *,
+    data: Any = None,
+    source: Any = None,
+    context: Context | None = None,
+    progress: bool = False,
+) -> CompressResult:
+    """Compress ``model`` with ``recipe`` and verify the result.
+
+    ``model``: a path, bytes or ModelProto (copied; the caller's object is never modified).
+    ``recipe``: a Recipe, a dict, a recipe file, or None for the lossless passes only.
+    ``data``: calibration data (an ``.npz`` path, a folder of ``.npz`` files, an iterable of feed
+    dicts or a CalibrationDataReader); also used as the verification feed.
+    ``source``: a second model for transfer passes. ``context``: a prepared Context (advanced).
+    """
+    t0 = time.perf_counter()
+    recipe = resolve_recipe(recipe)
+    from onnxcompress.passes.registry import make_pass
+
+    passes = [make_pass(step) for step in recipe.steps]  # unknown passes fail before loading
+    src = open_model(model)
+    ctx = context if context is not None else Context(data=data, seed=recipe.seed, progress=progress,
+                                                      providers=recipe.verify.providers, source=source)
+    ctx.original = src
+    report = Report(recipe=recipe.to_dict(), seed=recipe.seed)
+    try:
+        report.input = ModelStats.of_model(src.model, src.base_dir)
+        graph = model_to_graph(open_model(src.model, base_dir=src.base_dir))
+        Pipeline(passes).run(graph, ctx, report)
+        out = graph_to_model(graph, src.model)
+        report.output = ModelStats.of_model(out, src.base_dir)
+        parity = None
+        if recipe.verify.enabled:
+            lossless = all(p.lossless for p in passes)
+            parity = _verify(src, out, recipe, ctx, lossless)
+            report.parity = {"passed": parity.passed, "summary": parity.summary(), **parity.to_dict()}
+        report.notes = list(ctx.notes)
+    finally:
+        if context is None:
+            ctx.close()
+    report.seconds = time.perf_counter() - t0
+    return CompressResult(out, report, parity, src.base_dir, src.path, recipe.output.external_data)
+
+
+def _verify(src: ModelSource, out: onnx.ModelProto, recipe: Recipe, ctx: Context, lossless: bool):
+    from onnxcompress.verify import Tolerance, compare_models, policy_for
+
+    v = recipe.verify
+    if any(x is not None for x in (v.atol, v.rtol, v.min_cosine, v.min_top1)):
+        tol = Tolerance(atol=v.atol, rtol=v.rtol, min_cosine=v.min_cosine, min_top1=v.min_top1, max_steps=None)
+    else:
+        tol = policy_for("lossless" if lossless else "lossy")
+    feeds = None
+    source = ctx.feeds(src.model)
+    if source is not None:
+        feeds = [f for _, f in zip(range(2), source)]
+    return compare_models(src.model, out, feeds=feeds, providers=v.providers, tolerance=tol, seed=recipe.seed,
+                          batch=v.batch, ref_base_dir=src.base_dir, cand_base_dir=src.base_dir)

@@ -1,0 +1,538 @@
+"""Model I/O: load, check external data, convert to and from onnx-graphsurgeon, save atomically.
+
+Rules
+-----
+* **Load** from a path, ``bytes`` or an ``onnx.ModelProto``. The caller's ModelProto is copied, never
+  mutated. Tensors stored in external data stay on disk (``load_external_data=False``); they become
+  :class:`ExternalValues` in the graph and are read only when a pass asks for their values.
+* **External data safety.** Before a single byte of external data is read, every ``location`` is
+  checked: it must be relative, must not contain ``..``, and must resolve (symlinks followed) to a file
+  inside the model's folder; the file must exist and hold ``offset + length`` bytes. Anything else is a
+  :class:`~onnxcompress.errors.ModelError`.
+* **Save** writes ``path`` atomically: everything goes to temporary files in the destination folder,
+  is flushed and fsynced, then renamed into place (the external data file first, the model last), so a
+  reader never sees a torn file and an interrupted save leaves nothing behind. External data is used
+  when asked, or automatically when the serialized model would pass the 2 GB protobuf limit; tensors
+  are streamed into the data file one at a time, so the whole model is never held as one protobuf.
+* **Round trip.** :func:`graph_to_model` restores what onnx-graphsurgeon does not carry
+  (metadata_props, model doc string, domain, model_version, original producer, opset imports of
+  custom domains) from the model the graph was imported from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from onnxcompress.errors import ModelError, OnnxCompressError
+
+__all__ = [
+    "ModelSource",
+    "ExternalValues",
+    "open_model",
+    "load",
+    "save",
+    "model_to_graph",
+    "graph_to_model",
+    "iter_tensor_protos",
+    "check_external_data",
+    "PROTOBUF_LIMIT",
+    "write_text_atomic",
+]
+
+ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+#: Protobuf refuses to serialize a message of 2 GiB or more; keep a margin for the graph itself.
+PROTOBUF_LIMIT = 2**31 - 64 * 2**20
+_ALIGN = 4096
+
+
+@dataclass
+class ModelSource:
+    """A loaded model plus where its external data lives.
+
+    ``model`` is onnxcompress's own copy; ``base_dir`` is the folder that external data locations are
+    relative to (None for models without external data given as bytes or a ModelProto); ``path`` is
+    the file it came from, if any (used to refuse writing over the input).
+    """
+
+    model: onnx.ModelProto
+    base_dir: Path | None = None
+    path: Path | None = None
+
+    @property
+    def has_external_data(self) -> bool:
+        return any(_is_external(t) for t, _ in iter_tensor_protos(self.model.graph))
+
+
+class ExternalValues(LazyValues):
+    """LazyValues whose data sits in an external file relative to ``base_dir``.
+
+    onnx-graphsurgeon's exporter passes a LazyValues' TensorProto through untouched, so tensors that
+    no pass reads are never loaded.
+    """
+
+    def __init__(self, tensor: onnx.TensorProto, base_dir: Path):
+        super().__init__(tensor)
+        self.base_dir = base_dir
+
+    def load(self) -> np.ndarray:
+        return np.array(onnx.numpy_helper.to_array(self.tensor, base_dir=str(self.base_dir)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Walking tensors
+
+
+def iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, onnx.GraphProto]]:
+    """Yield ``(tensor, graph)`` for every TensorProto in ``graph`` and its subgraphs.
+
+    Covers initializers, sparse initializers' values and indices, tensor attributes (``Constant``
+    nodes and others) and tensors inside If/Loop/Scan bodies, at any depth.
+    """
+    for t in graph.initializer:
+        yield t, graph
+    for st in graph.sparse_initializer:
+        yield st.values, graph
+        yield st.indices, graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t, graph
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                for t in attr.tensors:
+                    yield t, graph
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                yield attr.sparse_tensor.values, graph
+                yield attr.sparse_tensor.indices, graph
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_tensor_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_tensor_protos(g)
+
+
+def _is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _external_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes the tensor's data occupies (raw, typed fields or external length)."""
+    if _is_external(t):
+        info = _external_info(t)
+        if "length" in info:
+            return int(info["length"])
+        return _expected_nbytes(t)
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    return t.ByteSize()
+
+
+def _expected_nbytes(t: onnx.TensorProto) -> int:
+    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    bits = {
+        onnx.TensorProto.INT4: 4,
+        onnx.TensorProto.UINT4: 4,
+    }.get(t.data_type)
+    if bits is not None:
+        return (n * bits + 7) // 8
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:  # exotic dtypes: best effort
+        itemsize = 1
+    return n * itemsize
+
+
+# ----------------------------------------------------------------------------------------------
+# External data safety
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path | None) -> None:
+    """Refuse unsafe or broken external data references before anything is read.
+
+    A location is accepted only if it is relative, has no ``..`` component, resolves (following
+    symlinks) inside ``base_dir``, exists as a regular file and holds ``offset + length`` bytes.
+    """
+    root = Path(os.path.realpath(base_dir)) if base_dir is not None else None
+    for t, _ in iter_tensor_protos(model.graph):
+        if not _is_external(t):
+            continue
+        info = _external_info(t)
+        where = f"load, tensor {t.name!r}"
+        loc = info.get("location", "")
+        if not loc:
+            raise ModelError("external data reference has no location", where=where,
+                             hint="the model file is corrupt; re-export it")
+        if root is None:
+            raise ModelError(f"tensor refers to external data file {loc!r} but the model was not given as a path",
+                             where=where, hint="load the model from its .onnx path so its data file can be found")
+        p = Path(loc)
+        if p.is_absolute() or loc.startswith(("/", "\\")) or (len(loc) > 1 and loc[1] == ":"):
+            raise ModelError(f"external data location {loc!r} is an absolute path", where=where,
+                             hint="external data must be stored next to the model with a relative location")
+        if ".." in Path(loc.replace("\\", "/")).parts:
+            raise ModelError(f"external data location {loc!r} leaves the model's folder", where=where,
+                             hint="external data must be stored next to the model with a relative location")
+        target = Path(os.path.realpath(root / loc))
+        if root != target and root not in target.parents:
+            raise ModelError(f"external data location {loc!r} resolves to {str(target)!r}, outside the model's folder "
+                             "(a symlink?)", where=where,
+                             hint="copy the data file into the model's folder instead of linking to it")
+        if not target.is_file():
+            raise ModelError(f"external data file {loc!r} is missing", where=where,
+                             hint=f"put {loc!r} next to the model in {str(root)!r}")
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info["length"]) if "length" in info else _expected_nbytes(t)
+        size = target.stat().st_size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ModelError(f"external data file {loc!r} is too short: tensor needs bytes {offset}..{offset + length}, "
+                             f"file has {size}", where=where, hint="the data file is truncated; copy it again")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def open_model(source: ModelLike | ModelSource, *, base_dir: str | os.PathLike | None = None) -> ModelSource:
+    """Load ``source`` into a :class:`ModelSource` without reading external data.
+
+    Accepts a path, serialized bytes, a ModelProto (deep-copied) or a ModelSource (returned as is).
+    Raises :class:`ModelError` for anything that is not a usable ONNX model.
+    """
+    if isinstance(source, ModelSource):
+        return source
+    path: Path | None = None
+    if isinstance(source, onnx.ModelProto):
+        model = copy.deepcopy(source)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        model = _parse(bytes(source), "<bytes>")
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise ModelError(f"model file {str(path)!r} does not exist", where="load",
+                             hint="check the path")
+        if path.is_dir():
+            raise ModelError(f"{str(path)!r} is a folder, not a model file", where="load",
+                             hint="pass the .onnx file inside it")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ModelError(f"cannot read {str(path)!r}: {e.strerror}", where="load",
+                             hint="check the file's permissions") from e
+        model = _parse(data, str(path))
+        if base_dir is None:
+            base_dir = path.parent
+    else:
+        raise ModelError(f"cannot load a model from a {type(source).__name__}", where="load",
+                         hint="pass a path, bytes or an onnx.ModelProto")
+    _check_model_shape(model, str(path) if path else "<model>")
+    src = ModelSource(model, Path(base_dir) if base_dir is not None else None, path)
+    check_external_data(model, src.base_dir)
+    return src
+
+
+def _parse(data: bytes, name: str) -> onnx.ModelProto:
+    if not data:
+        raise ModelError(f"{name} is empty (0 bytes)", where="load", hint="the file is not an ONNX model; re-export it")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelError(f"{name} is not an ONNX model or is truncated ({type(e).__name__})", where="load",
+                         hint="re-export the model, or check that the download finished") from e
+    # Protobuf parses many random byte strings "successfully" into an empty message.
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise ModelError(f"{name} holds no ONNX graph", where="load",
+                         hint="the file is not an ONNX model, or it is truncated; re-export it")
+    return model
+
+
+def _check_model_shape(model: onnx.ModelProto, name: str) -> None:
+    if model.ir_version < 3:
+        raise ModelError(f"{name} has IR version {model.ir_version}; onnxcompress needs IR version 3 or newer",
+                         where="load", hint="convert it with onnx.version_converter or re-export it")
+    if model.ir_version > onnx.IR_VERSION:
+        raise ModelError(f"{name} has IR version {model.ir_version}, newer than this onnx package supports "
+                         f"({onnx.IR_VERSION})", where="load", hint="upgrade the onnx package")
+    if not model.graph.output:
+        raise ModelError(f"{name} has no graph outputs", where="load",
+                         hint="a model without outputs computes nothing; re-export it with its outputs")
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            if imp.version < 7:
+                raise ModelError(f"{name} uses default-domain opset {imp.version}; onnxcompress needs opset 7 or newer",
+                                 where="load", hint="upgrade it with onnx.version_converter.convert_version(model, 13)")
+            if imp.version > onnx.defs.onnx_opset_version():
+                raise ModelError(f"{name} uses opset {imp.version}, newer than this onnx package knows "
+                                 f"({onnx.defs.onnx_opset_version()})", where="load", hint="upgrade the onnx package")
+
+
+def load(source: ModelLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load a model for use outside onnxcompress (external data read into memory by default)."""
+    src = open_model(source)
+    if load_external_data and src.has_external_data:
+        _inline_external(src.model, src.base_dir)
+    return src.model
+
+
+def _read_external(t: onnx.TensorProto, base_dir: Path | None) -> bytes:
+    info = _external_info(t)
+    offset = int(info.get("offset", 0) or 0)
+    length = int(info["length"]) if "length" in info else _expected_nbytes(t)
+    with open(Path(base_dir) / info["location"], "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise ModelError(f"external data for {t.name!r} is short: read {len(data)} of {length} bytes",
+                         where="load", hint="the data file is truncated; copy it again")
+    return data
+
+
+def _inline_external(model: onnx.ModelProto, base_dir: Path | None) -> None:
+    for t, _ in iter_tensor_protos(model.graph):
+        if _is_external(t):
+            t.raw_data = _read_external(t, base_dir)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+
+
+# ----------------------------------------------------------------------------------------------
+# graphsurgeon round trip
+
+
+def model_to_graph(src: ModelSource) -> gs.Graph:
+    """Import into onnx-graphsurgeon; external tensors become lazy :class:`ExternalValues`."""
+    try:
+        graph = gs.import_onnx(src.model)
+    except Exception as e:  # graphsurgeon raises plain exceptions on malformed graphs
+        raise ModelError(f"the graph cannot be read: {type(e).__name__}: {e}", where="load",
+                         hint="run onnx.checker.check_model on it to see what is wrong") from e
+    if src.base_dir is not None:
+        for g in _all_graphs(graph):
+            for t in g.tensors().values():
+                if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) \
+                        and not isinstance(t._values, ExternalValues) and _is_external(t._values.tensor):
+                    t._values = ExternalValues(t._values.tensor, src.base_dir)
+            for node in g.nodes:
+                for v in node.attrs.values():
+                    if isinstance(v, gs.Constant) and isinstance(v._values, LazyValues) \
+                            and _is_external(v._values.tensor):
+                        v._values = ExternalValues(v._values.tensor, src.base_dir)
+    return graph
+
+
+def _all_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    return [graph, *graph.subgraphs(recursive=True)]
+
+
+def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export ``graph`` and restore the model-level fields graphsurgeon drops, from ``template``."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    if template is None:
+        return model
+    model.ir_version = max(template.ir_version, model.ir_version if graph.ir_version is None else 0)
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    # Opset imports: keep every domain the template declared (custom ones included), add new ones.
+    have = {imp.domain: imp.version for imp in model.opset_import}
+    merged = {imp.domain: imp.version for imp in template.opset_import}
+    for dom, ver in have.items():
+        merged[dom] = max(ver, merged.get(dom, 0))
+    del model.opset_import[:]
+    for dom, ver in merged.items():
+        model.opset_import.append(onnx.helper.make_opsetid(dom, ver))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def save(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    external_data: bool | None = None,
+    size_threshold: int = 1024,
+    protected: tuple[str | os.PathLike, ...] = (),
+) -> Path:
+    """Write ``model`` to ``path`` atomically; return the path of the external data file or None.
+
+    ``base_dir``: the folder that the model's current external data locations are relative to.
+    ``external_data``: True forces a ``<name>.data`` file next to the model for tensors of at least
+    ``size_threshold`` bytes; None chooses it automatically when the model would exceed the protobuf
+    limit; False keeps everything inline (an error if that cannot fit).
+    ``protected``: paths that must not be overwritten (the input model and its data files).
+    The caller's ``model`` is not modified.
+    """
+    out = Path(path)
+    where = f"save {str(out)!r}"
+    _check_destination(out, protected, where)
+    total = sum(_tensor_nbytes(t) for t, _ in iter_tensor_protos(model.graph))
+    graph_overhead = model.ByteSize() - sum(
+        0 if _is_external(t) else _tensor_nbytes(t) for t, _ in iter_tensor_protos(model.graph))
+    if external_data is None:
+        external_data = total + graph_overhead >= PROTOBUF_LIMIT
+    if not external_data and total + graph_overhead >= PROTOBUF_LIMIT:
+        raise ModelError(f"the model holds {total / 2**30:.2f} GiB of tensors, over protobuf's 2 GiB limit",
+                         where=where, hint="save with external data (--external-data)")
+    data_name = out.name + ".data"
+    data_path = out.with_name(data_name)
+    if external_data:
+        _check_destination(data_path, protected, where)
+    # Work on a copy of the message tree but without copying large payloads twice: we swap the
+    # payloads of the copy as we stream them.
+    work = copy.deepcopy(model) if not external_data else _copy_without_payloads(model)
+    tmp_files: list[Path] = []
+    try:
+        if external_data:
+            tmp_data = _mkstemp(out.parent, data_name)
+            tmp_files.append(tmp_data)
+            _stream_external(model, work, tmp_data, data_name, base_dir, size_threshold)
+        else:
+            src_dir = Path(base_dir) if base_dir is not None else None
+            for t, _ in iter_tensor_protos(work.graph):
+                if _is_external(t):
+                    t.raw_data = _read_external(t, src_dir)
+                    del t.external_data[:]
+                    t.data_location = onnx.TensorProto.DEFAULT
+        tmp_model = _mkstemp(out.parent, out.name)
+        tmp_files.append(tmp_model)
+        with open(tmp_model, "wb") as f:
+            f.write(work.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        if external_data:
+            os.replace(tmp_files[0], data_path)
+        os.replace(tmp_model, out)
+        tmp_files.clear()
+    except OnnxCompressError:
+        raise
+    except OSError as e:
+        raise ModelError(f"cannot write the output: {e.strerror or e}", where=where,
+                         hint="check that the folder exists, is writable and has free space") from e
+    finally:
+        for p in tmp_files:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return data_path if external_data else None
+
+
+def _check_destination(out: Path, protected: tuple, where: str) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ModelError(f"output folder {str(parent)!r} does not exist", where=where, hint="create it first")
+    if not os.access(parent, os.W_OK):
+        raise ModelError(f"output folder {str(parent)!r} is not writable", where=where,
+                         hint="choose a folder you can write to")
+    if out.is_dir():
+        raise ModelError(f"output {str(out)!r} is a folder", where=where, hint="give a file name ending in .onnx")
+    real = os.path.realpath(out)
+    for p in protected:
+        if p is not None and os.path.realpath(p) == real:
+            raise ModelError(f"refusing to write over the input {str(p)!r}", where=where,
+                             hint="choose a different output path")
+
+
+def _mkstemp(folder: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved model gets the usual permissions
+    return Path(tmp)
+
+
+def _copy_without_payloads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Deep copy with large raw payloads replaced by empty bytes (restored by the streamer)."""
+    stash = []
+    for t, _ in iter_tensor_protos(model.graph):
+        if t.HasField("raw_data") and len(t.raw_data) > 4096:
+            stash.append((t, t.raw_data))
+            t.raw_data = b""
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for t, raw in stash:
+            t.raw_data = raw
+
+
+def _stream_external(src: onnx.ModelProto, work: onnx.ModelProto, data_file: Path, data_name: str,
+                     base_dir, size_threshold: int) -> None:
+    """Write every large tensor of ``src`` into ``data_file`` and point ``work``'s copy at it."""
+    src_dir = Path(base_dir) if base_dir is not None else None
+    pairs = zip(iter_tensor_protos(src.graph), iter_tensor_protos(work.graph))
+    with open(data_file, "wb") as f:
+        for (s, _), (w, _) in pairs:
+            if _is_external(s):
+                payload = _read_external(s, src_dir)
+            elif s.HasField("raw_data"):
+                payload = s.raw_data
+            else:
+                if s.ByteSize() < size_threshold or s.data_type == onnx.TensorProto.STRING:
+                    continue
+                payload = onnx.numpy_helper.to_array(s).tobytes()  # typed fields -> raw little-endian
+                w.ClearField(onnx.helper.tensor_dtype_to_field(s.data_type))
+            if len(payload) < size_threshold:
+                if _is_external(s):
+                    w.raw_data = payload
+                    del w.external_data[:]
+                    w.data_location = onnx.TensorProto.DEFAULT
+                else:
+                    w.raw_data = payload
+                continue
+            pad = (-f.tell()) % _ALIGN
+            if pad:
+                f.write(b"\0" * pad)
+            offset = f.tell()
+            f.write(payload)
+            w.ClearField("raw_data")
+            del w.external_data[:]
+            w.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
+                e = w.external_data.add()
+                e.key, e.value = k, v
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file (report, cache) atomically: temporary file, fsync, rename."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ModelError(f"folder {str(path.parent)!r} does not exist", where=f"write {str(path)!r}",
+                         hint="create it first")
+    tmp = _mkstemp(path.parent, path.name)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ModelError(f"cannot write: {e.strerror or e}", where=f"write {str(path)!r}",
+                         hint="check that the folder is writable") from e

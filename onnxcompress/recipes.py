@@ -1,0 +1,57 @@
+"""Presets: what ``--int8``, ``--int4``, ``--fp16`` ... mean, as lists of step configs.
+
+Every preset starts with the lossless steps (cleanup, deduplication, constant folding and the
+lossless merges) unless ``lossless=False``. A preset is a plain function of no data: whether
+calibration data is present is decided at run time by the passes themselves (and reported), so a
+recipe built from presets stays printable and replayable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from onnxcompress.passes.cleanup import CleanupConfig, DedupeConfig, FoldConstantsConfig
+from onnxcompress.recipe import Recipe, StepConfig
+
+__all__ = ["Preset", "PRESETS", "lossless_steps", "preset_recipe", "default_recipe"]
+
+
+def lossless_steps() -> list[StepConfig]:
+    """The lossless prefix of every preset."""
+    return [CleanupConfig(), DedupeConfig(), FoldConstantsConfig()]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named bundle of steps behind one CLI switch."""
+
+    name: str
+    flag: str
+    help: str
+    steps: Callable[[], list[StepConfig]]
+
+
+def _presets() -> tuple[Preset, ...]:
+    return ()
+
+
+PRESETS: tuple[Preset, ...] = _presets()
+
+
+def preset_recipe(names: list[str], *, lossless: bool = True) -> Recipe:
+    """A recipe made of the lossless prefix (optional) and the named presets' steps, in order."""
+    recipe = Recipe()
+    if lossless:
+        for s in lossless_steps():
+            recipe = recipe.with_step(s)
+    by_name = {p.name: p for p in PRESETS}
+    for n in names:
+        for s in by_name[n].steps():
+            recipe = recipe.with_step(s)
+    return recipe
+
+
+def default_recipe() -> Recipe:
+    """What ``onnxcompress in.onnx out.onnx`` does with no technique flags: the lossless passes."""
+    return preset_recipe([])
