@@ -362,7 +362,29 @@ def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
     del model.opset_import[:]
     for dom, ver in merged.items():
         model.opset_import.append(onnx.helper.make_opsetid(dom, ver))
+    _restore_doc_strings(model.graph, template.graph)
     return model
+
+
+def _restore_doc_strings(graph: onnx.GraphProto, template: onnx.GraphProto) -> None:
+    """graphsurgeon drops the doc strings of nodes and graph inputs/outputs: copy them back by name.
+
+    A node keeps its doc string when a node of the same name and op type exists in the template
+    (subgraphs matched by their attribute path); inputs and outputs are matched by tensor name.
+    """
+    docs = {(n.name, n.op_type): n.doc_string for n in template.node if n.name and n.doc_string}
+    sub = {(n.name, a.name): a.g for n in template.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH}
+    for n in graph.node:
+        if not n.doc_string and (n.name, n.op_type) in docs:
+            n.doc_string = docs[(n.name, n.op_type)]
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH and (n.name, a.name) in sub:
+                _restore_doc_strings(a.g, sub[(n.name, a.name)])
+    for mine, theirs in ((graph.input, template.input), (graph.output, template.output)):
+        io_docs = {v.name: v.doc_string for v in theirs if v.doc_string}
+        for v in mine:
+            if not v.doc_string and v.name in io_docs:
+                v.doc_string = io_docs[v.name]
 
 
 # ----------------------------------------------------------------------------------------------
