@@ -183,7 +183,7 @@ class FoldConstantsConfig(StepConfig):
     flag_help = "evaluate constant-only subgraphs once, when that does not grow the file"
 
     max_growth: float = option(1.0, "fold only when the result is at most this many times the bytes "
-                                    "of the inputs it frees", minimum=0)
+                                    "of the inputs it frees", flag="--fold-max-growth", minimum=0)
     always_fold_bytes: int = option(0, "results up to this size are folded even when they grow the file", minimum=0)
 
 

@@ -1,0 +1,108 @@
+"""compress(): never mutates the caller's model, returns model + report + parity, saves atomically."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import builders as b
+import onnxcompress as oc
+from onnxcompress.api import CompressResult
+from onnxcompress.errors import ModelError, ParityError
+
+
+def test_compress_does_not_mutate_the_callers_model():
+    m = b.with_constant_nodes(b.mlp())
+    before = m.SerializeToString()
+    res = oc.compress(m)
+    assert m.SerializeToString() == before
+    assert isinstance(res, CompressResult) and res.parity is not None and res.parity.passed
+    onnx.checker.check_model(res.model)
+
+
+def test_report_is_complete_and_json_safe():
+    res = oc.compress(b.conv_bn())
+    d = json.loads(res.report.to_json())
+    assert d["input"]["params"] > 0 and d["output"]["params"] > 0
+    assert set(d["versions"]) == {"onnxcompress", "onnx", "onnxruntime"}
+    assert [s["name"] for s in d["steps"]][:3] == ["cleanup", "dedupe_initializers", "fold_constants"]
+    assert d["recipe"]["steps"][0]["pass"] == "cleanup"
+    assert d["parity"]["passed"] is True
+    assert "size" in res.report.summary()
+
+
+def test_metadata_and_names_are_preserved():
+    m = b.mlp()
+    onnx.helper.set_model_props(m, {"author": "tests", "license": "MIT"})
+    m.doc_string = "a tiny mlp"
+    m.graph.doc_string = "graph doc"
+    res = oc.compress(m)
+    out = res.model
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "tests", "license": "MIT"}
+    assert out.doc_string == "a tiny mlp" and out.graph.doc_string == "graph doc"
+    assert out.producer_name == "tests"
+    assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
+
+
+def test_recipe_as_dict_and_file(tmp_path):
+    r = {"steps": [{"pass": "fold_constants"}], "verify": {"enabled": False}}
+    res = oc.compress(b.mlp(), r)
+    assert res.parity is None and [s.name for s in res.report.steps] == ["fold_constants"]
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps(r))
+    assert [s.name for s in oc.compress(b.mlp(), str(p)).report.steps] == ["fold_constants"]
+
+
+def test_save_is_atomic_and_refuses_the_input(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(b.mlp(), src)
+    before = src.read_bytes()
+    res = oc.compress(src)
+    with pytest.raises(ModelError, match="refusing to write over the input"):
+        res.save(src)
+    assert src.read_bytes() == before
+    out = res.save(tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.onnx"]  # no temp files left
+    feeds = {"x": np.ones((3, 16), np.float32)}
+    np.testing.assert_array_equal(b.run(str(out), feeds)[0], b.run(str(src), feeds)[0])
+
+
+def test_failed_parity_is_not_saved_unless_forced(tmp_path):
+    from onnxcompress.verify import LOSSLESS, compare_models
+
+    m = b.mlp()
+    bad = b.mlp(seed=1)  # other weights: a candidate that does not match
+    parity = compare_models(m, bad, tolerance=LOSSLESS)
+    assert not parity.passed
+    res = CompressResult(bad, oc.Report(), parity)
+    with pytest.raises(ParityError):
+        res.save(tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+    res.save(tmp_path / "out.onnx", force=True)
+    assert (tmp_path / "out.onnx").exists()
+
+
+def test_external_data_in_and_out(tmp_path):
+    m = b.mlp(sizes=(64, 256, 10))
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    ext = onnx.ModelProto()
+    ext.CopyFrom(m)
+    onnx.save(ext, src_dir / "m.onnx", save_as_external_data=True, location="m.bin", size_threshold=0)
+    res = oc.compress(src_dir / "m.onnx")
+    assert res.parity.passed
+    out = res.save(tmp_path / "out.onnx", external_data=True)
+    assert (tmp_path / "out.onnx.data").exists()
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)}
+    np.testing.assert_array_equal(b.run(str(out), feeds)[0], b.run(m, feeds)[0])
+    out2 = res.save(tmp_path / "inline.onnx", external_data=False)
+    assert not (tmp_path / "inline.onnx.data").exists()
+    np.testing.assert_array_equal(b.run(str(out2), feeds)[0], b.run(m, feeds)[0])
+
+
+def test_load_and_save_public_helpers(tmp_path):
+    m = b.mlp()
+    oc.save(m, tmp_path / "a.onnx")
+    again = oc.load(tmp_path / "a.onnx")
+    assert again.graph == m.graph

@@ -1,0 +1,97 @@
+"""The onnxcompress command: exit codes, one-line errors, summary, report, --print-recipe, -q."""
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+import builders as b
+from onnxcompress.cli import main
+
+
+@pytest.fixture()
+def model_path(tmp_path):
+    p = tmp_path / "m.onnx"
+    onnx.save(b.conv_bn(), p)
+    return p
+
+
+def test_runs_and_prints_a_summary(model_path, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    assert main([str(model_path), str(out), "--report", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    assert "size" in text and "parity    PASSED" in text
+    onnx.checker.check_model(onnx.load(out))
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["parity"]["passed"] and report["output"]["nodes"] == 6
+
+
+def test_quiet_prints_nothing(model_path, tmp_path, capsys):
+    assert main([str(model_path), str(tmp_path / "o.onnx"), "-q"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err == ""
+
+
+def test_print_recipe(model_path, capsys):
+    assert main([str(model_path), "--print-recipe", "--fold-max-growth", "2"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"pass": "fold_constants", "max_growth": 2.0, "always_fold_bytes": 0} in r["steps"]
+
+
+def test_python_dash_m_and_help():
+    r = subprocess.run([sys.executable, "-m", "onnxcompress", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "exit codes" in r.stdout and "--calib-data" in r.stdout
+
+
+def _one_line_error(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_not_onnx_exit_3(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a model at all" * 10)
+    out = tmp_path / "out.onnx"
+    assert main([str(bad), str(out)]) == 3
+    line = _one_line_error(capsys.readouterr().err)
+    assert "not an ONNX model" in line and "hint:" in line
+    assert not out.exists()
+
+
+def test_output_equal_to_input_exit_2(model_path, capsys):
+    before = model_path.read_bytes()
+    assert main([str(model_path), str(model_path)]) == 2
+    assert "is the input" in _one_line_error(capsys.readouterr().err)
+    assert model_path.read_bytes() == before
+
+
+def test_missing_output_folder_exit_2(model_path, tmp_path, capsys):
+    assert main([str(model_path), str(tmp_path / "nope" / "o.onnx")]) == 2
+    assert "does not exist" in _one_line_error(capsys.readouterr().err)
+
+
+def test_unknown_recipe_key_exit_2(model_path, tmp_path, capsys):
+    r = tmp_path / "r.json"
+    r.write_text('{"steps": [{"pass": "fold_constants", "max_grwoth": 1}]}')
+    assert main([str(model_path), str(tmp_path / "o.onnx"), "--recipe", str(r)]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "did you mean 'max_growth'" in line and not (tmp_path / "o.onnx").exists()
+
+
+def test_bad_flag_value_exit_2(model_path, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "onnxcompress", str(model_path), str(tmp_path / "o.onnx"),
+                        "--providers", "tpu"], capture_output=True, text=True)
+    assert r.returncode == 2 and "not one of" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cuda_requested_without_gpu_is_reported_as_skipped(model_path, tmp_path, capsys):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA: the skip path is not reachable")
+    assert main([str(model_path), str(tmp_path / "o.onnx"), "--providers", "cpu,cuda"]) == 0
+    assert "skipped cuda" in capsys.readouterr().out
