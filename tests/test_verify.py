@@ -202,6 +202,37 @@ def test_external_data_proto_runs_via_base_dir(tmp_path, weights):
     assert report.passed and report.first_divergence is None
 
 
+def test_external_data_falls_back_to_a_temporary_folder(tmp_path, weights, monkeypatch):
+    """An onnxruntime without the folder config entry: the model is saved to a temporary folder."""
+    import onnxcompress.verify.session as session_module
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(chain_model(weights), folder / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    lazy = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+    monkeypatch.setattr(session_module, "EXTERNAL_FOLDER_KEY", "session.not_a_real_entry")
+    monkeypatch.chdir(tmp_path)
+    session = make_session(lazy, base_dir=folder)
+    assert run_session(session, {"x": np.ones((1, 8), np.float32)})["y"].shape == (1, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing written to the cwd
+    assert uses_external_data(lazy)  # the caller's proto is untouched
+
+
+def test_bfloat16_inputs_and_outputs_are_compared():
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (bfloat16[N, 4] x) => (float[N, 4] y, bfloat16[N, 4] z) {
+          y = Cast<to=1>(x)
+          z = Identity(x)
+        }
+        """
+    )
+    report = compare_models(model, model, batch=2)
+    assert report.passed, report.summary()
+    assert [o.metrics.ref_dtype for o in report.runs[0].outputs] == ["float32", "bfloat16"]
+
+
 # ------------------------------------------------------------------------------------------ compare
 
 

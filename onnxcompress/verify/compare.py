@@ -193,8 +193,16 @@ def compare_models(
         for name in outputs:
             metrics = accumulators[choice.short][name].result()
             step = tolerance.step if tolerance.step is not None else steps.get(name)
-            parities.append(OutputParity(name, metrics, tuple(tolerance.check(metrics, step=steps.get(name))), step))
-        runs.append(ProviderRun(choice.short, choice.ort_name, tuple(parities), tuple(run_problems[choice.short])))
+            failures = tuple(tolerance.check(metrics, step=steps.get(name)))
+            parities.append(OutputParity(name=name, metrics=metrics, failures=failures, step=step))
+        runs.append(
+            ProviderRun(
+                provider=choice.short,
+                ort_provider=choice.ort_name,
+                outputs=tuple(parities),
+                problems=tuple(run_problems[choice.short]),
+            )
+        )
 
     layer_report, first = None, None
     if layers:

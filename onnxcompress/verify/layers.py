@@ -148,7 +148,17 @@ def analyse_layers(
             rel = m.rel_err
             reason = _divergence(m, rel, upstream, tolerance, noise)
             error[name] = math.inf if m.mismatch else (rel if rel is not None else upstream)
-            layers.append(LayerParity(name, node.op_type, node.name, m, rel, upstream, reason))
+            layers.append(
+                LayerParity(
+                    name=name,
+                    op_type=node.op_type,
+                    node=node.name,
+                    metrics=m,
+                    rel_err=rel,
+                    upstream_rel_err=upstream,
+                    diverged=reason,
+                )
+            )
             if reason and first is None:
                 first = name
     return tuple(layers), first

@@ -39,7 +39,7 @@ def is_classifier_shape(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and shape[1] > 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OutputMetrics:
     """Metrics of one output over all feeds (see the module docstring). ``None`` where a metric does
     not apply (cosine of an integer output) or nothing could be compared."""

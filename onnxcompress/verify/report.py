@@ -30,7 +30,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OutputParity:
     """One output on one provider: its metrics, the quantization step used (if any), the failures."""
 
@@ -44,7 +44,7 @@ class OutputParity:
         return not self.failures
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ProviderRun:
     """The candidate on one provider: per-output parity and problems of the run itself (a run that
     failed, inputs the candidate lacks)."""
@@ -59,7 +59,7 @@ class ProviderRun:
         return not self.problems and all(o.passed for o in self.outputs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerParity:
     """One intermediate tensor both graphs share, in the reference's topological order.
 
@@ -76,7 +76,7 @@ class LayerParity:
     diverged: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ParityReport:
     """Parity of a candidate model against a reference.
 

@@ -38,7 +38,7 @@ from onnxcompress.verify.metrics import OutputMetrics
 __all__ = ["Tolerance", "LOSSLESS", "LOSSY", "quantized", "policy_for", "POLICIES"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Tolerance:
     """Parity criteria; see the module docstring for the rules."""
 
