@@ -28,7 +28,7 @@ __all__ = ["main", "build_parser", "recipe_from_args", "SUBCOMMANDS"]
 log = logging.getLogger("onnxcompress")
 
 #: ``onnxcompress NAME ...`` runs ``SUBCOMMANDS[NAME](argv)`` (lazy imports: name -> "module:function").
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {"transfer": "onnxcompress.transfer.cli:main"}
 
 
 @dataclasses.dataclass

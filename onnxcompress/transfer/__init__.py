@@ -1,0 +1,1 @@
+"""Knowledge transfer between ONNX models: parameters (transplant), structure (plan replay), repair."""

@@ -1,0 +1,80 @@
+"""``onnxcompress transfer SRC DST OUT``: transplant SRC's trained weights into DST.
+
+Exit codes as for the main command; with ``--strict`` any destination weight left unmatched is an
+error (exit 3). After writing, OUT is verified against SRC (same outputs within float rounding)
+when every destination weight was matched, unless ``--no-verify``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from onnxcompress.errors import ParityError, PreconditionError
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="onnxcompress transfer",
+        description="Copy trained weights from SRC into DST (by name, then by graph position and shape; "
+                    "through DST's recorded plan when DST was compressed) and write OUT.",
+    )
+    p.add_argument("source", help="the model whose weights are copied (SRC)")
+    p.add_argument("destination", help="the model that receives them (DST)")
+    p.add_argument("output", help="where to write the result (OUT)")
+    p.add_argument("--no-position", dest="by_position", action="store_false",
+                   help="match by name only (no graph-position matching)")
+    p.add_argument("--strict", action="store_true", help="fail when a destination weight is not matched")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="check OUT against SRC with onnxruntime when every weight matched (default: on)")
+    p.add_argument("--report", metavar="FILE", help="write the transfer report (JSON) here")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="tracebacks on errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from onnxcompress.cli import _setup_logging, run_guarded
+
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    return run_guarded(lambda: _run(args), bool(args.verbose))
+
+
+def _run(args) -> int:
+    from onnxcompress.graph.io import open_model, save, write_text_atomic
+    from onnxcompress.transfer.transplant import transplant
+
+    src = open_model(args.source)
+    dst = open_model(args.destination)
+    model, rep = transplant(src, dst, by_position=args.by_position)
+    unmatched = rep.unmatched_dst + rep.ambiguous + [m["tensor"] for m in rep.mismatched]
+    if args.strict and unmatched:
+        raise PreconditionError(f"{len(unmatched)} destination weights were not matched: "
+                                f"{', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}",
+                                where="transfer", hint="see --report for details, or drop --strict")
+    parity = None
+    if args.verify and not unmatched:
+        from onnxcompress.verify import LOSSLESS, compare_models
+
+        parity = compare_models(src.model, model, tolerance=LOSSLESS, ref_base_dir=src.base_dir,
+                                cand_base_dir=dst.base_dir)
+        if not parity.passed:
+            raise ParityError("the result does not reproduce SRC's outputs", parity=parity, where="transfer",
+                              hint="the two graphs compute different functions; check --report")
+    save(model, args.output, base_dir=dst.base_dir, protected=(args.source, args.destination))
+    if args.report:
+        d = rep.to_dict()
+        d["parity"] = parity.to_dict() if parity is not None else None
+        write_text_atomic(args.report, json.dumps(d, indent=2) + "\n")
+    if not args.quiet:
+        print(f"{args.source} -> {args.destination} -> {args.output}")
+        print(rep.summary())
+        if parity is not None:
+            print(parity.summary())
+        elif unmatched:
+            print("not verified: some destination weights kept their own values", file=sys.stdout)
+    return 0
