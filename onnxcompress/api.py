@@ -25,7 +25,7 @@ from onnxcompress.passes.base import Pipeline
 from onnxcompress.recipe import Recipe
 from onnxcompress.report import ModelStats, Report
 
-__all__ = ["compress", "CompressResult", "resolve_recipe"]
+__all__ = ["compress", "CompressResult", "resolve_recipe", "plan_of", "embed_plan"]
 
 
 @dataclass
@@ -122,6 +122,8 @@ def compress(
         graph = model_to_graph(open_model(src.model, base_dir=src.base_dir))
         Pipeline(passes).run(graph, ctx, report)
         out = graph_to_model(graph, src.model)
+        if recipe.output.embed_plan:
+            embed_plan(out, plan_of(report))
         report.output = ModelStats.of_model(out, src.base_dir)
         parity = None
         if recipe.verify.enabled:
@@ -134,6 +136,35 @@ def compress(
             ctx.close()
     report.seconds = time.perf_counter() - t0
     return CompressResult(out, report, parity, src.base_dir, src.path, recipe.output.external_data)
+
+
+def plan_of(report: Report) -> dict[str, Any]:
+    """The replayable plan: the resolved recipe and every pass's per-tensor choices.
+
+    Passes put per-tensor records in ``PassResult.details["tensors"]`` (``{tensor: {...}}``, e.g.
+    ``{"keep": {axis: [indices]}}`` for structured pruning); later steps update earlier records.
+    """
+    tensors: dict[str, dict[str, Any]] = {}
+    for step in report.steps:
+        for name, rec in (step.details.get("tensors") or {}).items():
+            tensors.setdefault(name, {}).update(rec if isinstance(rec, dict) else {"value": rec})
+    return {"format": 1, "recipe": report.recipe, "tensors": tensors,
+            "steps": [{"pass": s.name, "details": {k: v for k, v in s.details.items() if k != "tensors"}}
+                      for s in report.steps]}
+
+
+def embed_plan(model: onnx.ModelProto, plan: dict[str, Any]) -> None:
+    """Write ``plan`` (JSON) into ``model.metadata_props[PLAN_KEY]``, replacing an older one."""
+    import json
+
+    from onnxcompress.report import _json_default
+    from onnxcompress.transfer.transplant import PLAN_KEY
+
+    keep = [p for p in model.metadata_props if p.key != PLAN_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = PLAN_KEY, json.dumps(plan, separators=(",", ":"), default=_json_default)
 
 
 def _verify(src: ModelSource, out: onnx.ModelProto, recipe: Recipe, ctx: Context, lossless: bool):

@@ -223,6 +223,9 @@ class OutputConfig:
 
     external_data: bool | None = option(None, "store tensors in a <out>.data file next to the model "
                                         "(default: only when the model would pass 2 GB)", flag="--external-data")
+    embed_plan: bool = option(True, "record the compression plan (steps and per-tensor choices) in the model's "
+                              "metadata_props['onnxcompress.plan'] so it can be replayed or transplanted through",
+                              flag="--embed-plan")
 
     def __post_init__(self) -> None:
         _validate_fields(self)

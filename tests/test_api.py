@@ -39,7 +39,11 @@ def test_metadata_and_names_are_preserved():
     m.graph.doc_string = "graph doc"
     res = oc.compress(m)
     out = res.model
-    assert {p.key: p.value for p in out.metadata_props} == {"author": "tests", "license": "MIT"}
+    props = {p.key: p.value for p in out.metadata_props}
+    plan = json.loads(props.pop("onnxcompress.plan"))
+    assert props == {"author": "tests", "license": "MIT"}
+    assert [s["pass"] for s in plan["steps"]] == ["cleanup", "dedupe_initializers", "fold_constants"]
+    assert oc.compress(m, {"output": {"embed_plan": False}}).model.metadata_props[-1].key == "license"
     assert out.doc_string == "a tiny mlp" and out.graph.doc_string == "graph doc"
     assert out.producer_name == "tests"
     assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
