@@ -242,6 +242,7 @@ def open_model(source: ModelLike | ModelSource, *, base_dir: str | os.PathLike |
         raise ModelError(f"cannot load a model from a {type(source).__name__}", where="load",
                          hint="pass a path, bytes or an onnx.ModelProto")
     _check_model_shape(model, str(path) if path else "<model>")
+    _check_graph_structure(model.graph, set(), str(path) if path else "<model>")
     src = ModelSource(model, Path(base_dir) if base_dir is not None else None, path)
     check_external_data(model, src.base_dir)
     return src
@@ -281,6 +282,71 @@ def _check_model_shape(model: onnx.ModelProto, name: str) -> None:
             if imp.version > onnx.defs.onnx_opset_version():
                 raise ModelError(f"{name} uses opset {imp.version}, newer than this onnx package knows "
                                  f"({onnx.defs.onnx_opset_version()})", where="load", hint="upgrade the onnx package")
+
+
+def _check_graph_structure(graph: onnx.GraphProto, outer: set[str], name: str) -> None:
+    """Refuse graphs no tool can run: a tensor written twice, a read of nothing, a cycle, a missing output.
+
+    ``outer`` holds the names visible from enclosing graphs (for If/Loop/Scan bodies). Nodes need not
+    be listed in topological order; a node is runnable once everything it reads exists.
+    """
+    where = f"load, graph {graph.name!r}" if graph.name else "load"
+    hint = "the model is malformed; re-export it, or run onnx.checker.check_model(path, full_check=True)"
+    known = set(outer) | {v.name for v in graph.input}
+    writer: dict[str, str] = {}
+    for t in list(graph.initializer) + [st.values for st in graph.sparse_initializer]:
+        if t.name in writer:
+            raise ModelError(f"{name}: initializer {t.name!r} is defined twice", where=where, hint=hint)
+        writer[t.name] = "an initializer"
+    known |= set(writer)
+    for v in graph.input:
+        writer.setdefault(v.name, "a graph input")
+    label = {}
+    for i, n in enumerate(graph.node):
+        label[i] = f"node {n.name or '#' + str(i)!r} ({n.op_type})"
+        for o in n.output:
+            if not o:
+                continue
+            if o in writer:
+                raise ModelError(f"{name}: tensor {o!r} is written by both {writer[o]} and {label[i]}",
+                                 where=where, hint=hint)
+            writer[o] = label[i]
+    # Kahn's algorithm over explicit inputs: what never becomes ready is dangling or on a cycle
+    waiting: dict[str, list[int]] = {}
+    missing = {}
+    for i, n in enumerate(graph.node):
+        need = {x for x in n.input if x and x not in known}
+        missing[i] = len(need)
+        for x in need:
+            waiting.setdefault(x, []).append(i)
+    ready = [i for i, k in missing.items() if k == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for o in graph.node[i].output:
+            for j in waiting.pop(o, ()):
+                missing[j] -= 1
+                if missing[j] == 0:
+                    ready.append(j)
+    if done < len(graph.node):
+        stuck = [i for i, k in missing.items() if k > 0]
+        for i in stuck:
+            for x in graph.node[i].input:
+                if x and x not in known and x not in writer:
+                    raise ModelError(f"{name}: {label[i]} reads {x!r}, which no node, input or initializer provides",
+                                     where=where, hint=hint)
+        raise ModelError(f"{name}: the graph has a cycle through {', '.join(label[i] for i in stuck[:4])}"
+                         + (f" and {len(stuck) - 4} more" if len(stuck) > 4 else ""), where=where, hint=hint)
+    for v in graph.output:
+        if v.name not in writer and v.name not in known:
+            raise ModelError(f"{name}: graph output {v.name!r} is never computed", where=where, hint=hint)
+    visible = known | set(writer)
+    for n in graph.node:
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                      list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                _check_graph_structure(g, visible, name)
 
 
 def load(source: ModelLike, *, load_external_data: bool = True) -> onnx.ModelProto:
