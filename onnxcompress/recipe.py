@@ -316,6 +316,15 @@ class Recipe:
         except RecipeError as e:
             raise e.with_where(where)
 
+    @classmethod
+    def from_cli(cls, argv: list[str]) -> "Recipe":
+        """The recipe the ``onnxcompress`` command would run for these arguments (IN/OUT optional)."""
+        from onnxcompress.cli import build_parser, recipe_from_args
+
+        parser, targets, owners = build_parser()
+        args = parser.parse_args(["-", *argv] if not argv or argv[0].startswith("-") else argv)
+        return recipe_from_args(args, targets, owners)
+
     # -- editing --------------------------------------------------------------------------------
 
     def step(self, name: str) -> StepConfig | None:

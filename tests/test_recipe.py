@@ -81,6 +81,10 @@ def test_cli_recipe_file_then_flags(tmp_path):
     assert [s.name for s in r.steps] == ["fold_constants"] and r.step("fold_constants").max_growth == 5.0
 
 
+def test_recipe_from_cli_matches_the_command():
+    assert Recipe.from_cli(["--fold-max-growth", "2"]) == _from_cli(["--fold-max-growth", "2"])
+
+
 def test_print_recipe_round_trips():
     r = _from_cli(["--no-verify"])
     assert Recipe.from_dict(json.loads(r.to_json())) == r and r.verify.enabled is False
