@@ -1,0 +1,150 @@
+"""GPTQ-style error-compensating 4-bit rounding, and the activation statistics it needs.
+
+For one linear layer y = x·W with W[K, N] and calibration inputs X[S, K], the output error of a
+quantized Ŵ is ‖X(W − Ŵ)‖² = Σ_n (w_n − ŵ_n)ᵀ H (w_n − ŵ_n) / 2 with H = 2XᵀX. GPTQ (Frantar et al.,
+2022) quantizes the input features k one at a time and moves each one's rounding error onto the
+features not yet quantized, which is the optimal least-squares update for H::
+
+    H ← H + λ·mean(diag H)·I              (damping; dead features with H_kk = 0 get H_kk = 1, w_k = 0)
+    U = chol(H⁻¹)ᵀ                        (upper Cholesky factor of the inverse)
+    for each block of bs features [i1, i2):   scales/zero points chosen on the *updated* block
+        for k in block:  q_k = quant(w_k);  e = (w_k − q_k) / U_kk;  w_j −= e·U_kj  for j > k
+        W[:, i2:] −= E · U[i1:i2, i2:]     (lazy batch update of the later blocks)
+
+The per-block scale is chosen by the clipping search of :mod:`onnxcompress.quantize.int4` weighted
+by diag(H) (so GPTQ is never given a worse starting grid than the search).
+
+Statistics are streamed: onnxruntime runs the model with the layers' input tensors as extra outputs,
+batch by batch; only the running sums XᵀX [K, K] (for GPTQ) or Σx² [K] (for the search) are kept,
+so memory does not grow with the number of samples. Inputs of nodes inside If/Loop bodies cannot be
+graph outputs: those layers get no statistics (the caller falls back to the plain search).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress.quantize.int4 import QMAX, BlockQuant, choose_block_params
+
+__all__ = ["InputStats", "collect_input_stats", "gptq_quantize"]
+
+log = logging.getLogger("onnxcompress")
+
+
+@dataclass
+class InputStats:
+    """Running statistics of one layer's input features: Σx² per feature and optionally XᵀX."""
+
+    rows: int
+    mean_square: np.ndarray          # [K]
+    hessian: np.ndarray | None       # [K, K] = 2XᵀX / rows, or None
+
+
+def collect_input_stats(graph: gs.Graph, ctx, nodes: list[gs.Node], *, full: bool,
+                        max_samples: int) -> dict[int, InputStats] | None:
+    """Stream the calibration data through the current model; statistics of each node's input 0, keyed by id(node).
+
+    Returns None when the context has no data. ``full`` also accumulates XᵀX (for GPTQ).
+    Only nodes of the top-level graph get statistics.
+    """
+    if ctx is None or getattr(ctx, "data", None) is None:
+        return None
+    import onnxruntime as ort
+
+    top = {id(n) for n in graph.nodes}
+    wanted: dict[str, list[gs.Node]] = {}
+    for n in nodes:
+        if id(n) in top and n.inputs and n.inputs[0].name:
+            wanted.setdefault(n.inputs[0].name, []).append(n)
+    if not wanted:
+        return {}
+    model = ctx.model_of(graph)
+    outputs = {o.name for o in model.graph.output}
+    for name in wanted:
+        if name not in outputs:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    source = ctx.feeds(model)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = list(wanted)
+    sums: dict[str, list] = {}
+    seen = 0
+    for feed in source:
+        if seen >= max_samples:
+            break
+        n_batch = len(next(iter(feed.values()))) if feed else 1
+        take = min(n_batch, max_samples - seen)
+        if take < n_batch:
+            feed = {k: v[:take] for k, v in feed.items()}
+        outs = sess.run(names, dict(feed))
+        seen += take
+        for name, x in zip(names, outs):
+            x = np.asarray(x, np.float64)
+            x = x.reshape(-1, x.shape[-1])
+            acc = sums.setdefault(name, [0, np.zeros(x.shape[1]), np.zeros((x.shape[1],) * 2) if full else None])
+            acc[0] += x.shape[0]
+            acc[1] += (x * x).sum(axis=0)
+            if full:
+                acc[2] += x.T @ x
+    stats: dict[int, InputStats] = {}
+    for name, (rows, sq, xtx) in sums.items():
+        if rows == 0:
+            continue
+        st = InputStats(rows, sq / rows, 2.0 * xtx / rows if xtx is not None else None)
+        for n in wanted[name]:
+            stats[id(n)] = st
+    log.info("collected input statistics of %d layers from %d samples", len(stats), seen)
+    return stats
+
+
+def gptq_quantize(w_rows: np.ndarray, hessian: np.ndarray, block_size: int, *, symmetric: bool = False,
+                  grid: int = 24, min_ratio: float = 0.55, damp: float = 0.01) -> BlockQuant:
+    """Quantize ``w_rows`` [N, K] (rows = output columns, K = input features) with error feedback."""
+    w = np.array(w_rows, dtype=np.float64)
+    n, k = w.shape
+    nb = -(-k // block_size)
+    kp = nb * block_size
+    h = np.zeros((kp, kp))
+    h[:k, :k] = hessian
+    if kp > k:
+        w = np.concatenate([w, np.zeros((n, kp - k))], axis=1)
+    diag = np.diag(h).copy()
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(kp)] += damp * float(np.mean(np.diag(h)))
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:  # not positive definite even after damping: more damping
+        h[np.diag_indices(kp)] += 0.1 * float(np.mean(np.diag(h)))
+        u = np.linalg.cholesky(np.linalg.inv(h)).T
+    imp = np.where(dead, 0.0, diag)
+    q = np.zeros((n, kp), np.uint8)
+    scales = np.zeros((n, nb))
+    zeros = np.zeros((n, nb))
+    for b in range(nb):
+        i1, i2 = b * block_size, (b + 1) * block_size
+        s, z = choose_block_params(w[:, i1:i2], symmetric=symmetric, grid=grid, min_ratio=min_ratio,
+                                   importance=imp[i1:i2][None, :])
+        scales[:, b], zeros[:, b] = s, z
+        w1 = w[:, i1:i2].copy()
+        err = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(block_size):
+            col = w1[:, i]
+            code = np.clip(np.round(col / s) + z, 0, QMAX)
+            q[:, i1 + i] = code
+            e = (col - (code - z) * s) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err[:, i] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    if kp > k:  # padded features decode to 0
+        q[:, k:] = np.repeat(zeros.astype(np.uint8), block_size, axis=1)[:, k:]
+    return BlockQuant(q, scales.astype(np.float32), zeros.astype(np.uint8), block_size, k)

@@ -1,0 +1,457 @@
+"""quantize_int4: block-wise 4-bit weights for MatMul and Gemm.
+
+The rule (weight-only, per block of ``bs`` consecutive input features k of one output column n)::
+
+    y = A @ W            W[K, N] a constant float weight
+    W[k, n] ≈ (q[n, k] − z[n, b]) · s[n, b],     b = k // bs,  q, z ∈ {0..15}
+
+*Asymmetric* (default, the min–max affine rule with zero kept representable)::
+
+    lo = min(0, min_block W) · r,  hi = max(0, max_block W) · r
+    s = (hi − lo) / 15,  z = clip(round(−lo / s), 0, 15),  q = clip(round(W / s) + z, 0, 15)
+
+*Symmetric*: z = 8 and s = −m · r / 8 where m is the block's value of largest magnitude (so m maps
+exactly onto −8, the code with the larger reach), q = clip(round(W / s) + 8, 0, 15).
+
+**Rounding.** ``rtn`` is r = 1 (onnxruntime's ``MatMulNBitsQuantizer`` default). ``search`` tries
+``search_grid`` clipping ratios r ∈ [search_min_ratio, 1] per block and keeps the one that minimizes
+the reconstruction error Σ_k h_k (W − Ŵ)² — r = 1 is always among them, so the error is never worse
+than RTN. h_k is 1, or, with calibration data, the mean square of input feature k (the diagonal of
+the Hessian, activation-aware). ``gptq`` (with calibration data, :mod:`onnxcompress.quantize.gptq`)
+quantizes column by column and feeds each column's error back into the columns not yet quantized,
+using H = 2XᵀX of the layer's streamed input activations. ``auto`` is gptq with data, search without.
+
+**Forms.** ``matmulnbits`` (default): ``com.microsoft::MatMulNBits(A, B, scales[, zero_points][, bias])``
+with B uint8[N, K/bs, bs/2] (low nibble = even k), scales float[N, K/bs], zero points packed two per
+byte (omitted when symmetric: default 8). Gemm folds in as alpha → scales, transB → layout,
+β·C → the bias input. ``qdq`` (portable, opset ≥ 21): ``DequantizeLinear(int4|uint4 W[K, N],
+scale[K/bs, N], zero_point, axis=0, block_size=bs) → MatMul`` — any ONNX runtime loads it, but
+onnxruntime runs the DequantizeLinear at every inference (slower than fp32, see the notes).
+
+**accuracy_level** (MatMulNBits only): 4 quantizes the activations to int8 inside the kernel (about
+half the fp32 latency at batch 1, ~3.5% of the output std of extra error); 0 computes in float
+(exact up to the 4-bit weights, 1.1–1.3× slower than fp32). The default is 4; see
+docs/benchmarks.md (quantize-int4-fp16) for the measured accuracy of both.
+
+**May I?** MatMul with a constant float32 rank-2 B and a non-constant A; Gemm with transA = 0 and a
+bias C that is a constant vector (or absent). A weight read by other nodes is quantized once and
+shared only when every reader is such a MatMul/Gemm reading it the same way; a weight that is a graph
+output, too small (``min_elements``) or excluded by name stays float (a Skip with the reason).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from onnxcompress.errors import RecipeError
+from onnxcompress.graph.naming import Namer
+from onnxcompress.graph.query import const_value, is_constant, is_graph_io, iter_nodes, weight_ref
+from onnxcompress.graph.rewrite import disconnect
+from onnxcompress.passes.base import Pass, PassResult
+from onnxcompress.recipe import StepConfig, option
+
+__all__ = [
+    "BlockQuant",
+    "quantize_blocks",
+    "proto_constant",
+    "QuantizeInt4Config",
+    "QuantizeInt4Pass",
+]
+
+MS_DOMAIN = "com.microsoft"
+QMAX = 15  # 4-bit unsigned codes 0..15
+
+
+# ----------------------------------------------------------------------------------------------
+# block quantization math (shared with gptq.py and embed.py)
+
+
+@dataclass
+class BlockQuant:
+    """Rows quantized in blocks along the last axis: ``W[r, c] ≈ (q[r, c] − zero[r, b]) · scale[r, b]``.
+
+    ``q`` uint8 codes (0..15 for 4 bits, 0..255 for 8) of shape [R, nb·bs] (padded columns hold the zero code), ``scale``
+    float32 [R, nb], ``zero`` uint8 [R, nb]; ``cols`` is the unpadded column count.
+    """
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    block_size: int
+    cols: int
+
+    @property
+    def n_blocks(self) -> int:
+        return self.scale.shape[1]
+
+    def dequant(self) -> np.ndarray:
+        r = self.q.shape[0]
+        qb = self.q.reshape(r, self.n_blocks, self.block_size).astype(np.float32)
+        w = (qb - self.zero[..., None].astype(np.float32)) * self.scale[..., None]
+        return w.reshape(r, -1)[:, : self.cols]
+
+    def pack_nibbles(self) -> np.ndarray:
+        """uint8[R, nb, bs/2]: two codes per byte, the even column in the low nibble."""
+        qb = self.q.reshape(self.q.shape[0], self.n_blocks, self.block_size)
+        return (qb[..., 0::2] | (qb[..., 1::2] << 4)).astype(np.uint8)
+
+    def pack_zero_points(self) -> np.ndarray:
+        """uint8[R, ceil(nb/2)]: two zero points per byte, the even block in the low nibble."""
+        z = self.zero
+        if z.shape[1] % 2:
+            z = np.concatenate([z, np.zeros((z.shape[0], 1), np.uint8)], axis=1)
+        return (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _params(wb: np.ndarray, ratio: float, symmetric: bool, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero code per block of ``wb`` [..., bs] for one clipping ratio."""
+    qmax, mid = 2**bits - 1, 2 ** (bits - 1)
+    if symmetric:
+        idx = np.argmax(np.abs(wb), axis=-1)[..., None]
+        m = np.take_along_axis(wb, idx, axis=-1)[..., 0]
+        s = -m * ratio / mid
+        s = np.where(s == 0, 1.0, s)
+        return s, np.full(s.shape, float(mid))
+    lo = np.minimum(wb.min(axis=-1), 0.0) * ratio
+    hi = np.maximum(wb.max(axis=-1), 0.0) * ratio
+    s = (hi - lo) / qmax
+    s = np.where(s == 0, 1.0, s)
+    z = np.clip(np.round(-lo / s), 0, qmax)
+    return s, z
+
+
+def _codes(wb: np.ndarray, s: np.ndarray, z: np.ndarray, bits: int = 4) -> np.ndarray:
+    return np.clip(np.round(wb / s[..., None]) + z[..., None], 0, 2**bits - 1)
+
+
+def choose_block_params(wb: np.ndarray, *, symmetric: bool, grid: int, min_ratio: float,
+                        importance: np.ndarray | None = None, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block (scale, zero) minimizing Σ importance·(w − ŵ)² over the clipping ratios tried.
+
+    ``wb`` [..., bs]; ``importance`` broadcastable to ``wb`` (None: uniform). The first ratio is 1.0
+    (plain round-to-nearest), so the result is never worse than RTN.
+    """
+    wb = np.asarray(wb, dtype=np.float64)
+    ratios = np.linspace(1.0, min_ratio, grid) if grid > 1 else np.array([1.0])
+    best_s = best_z = best_err = None
+    for r in ratios:
+        s, z = _params(wb, float(r), symmetric, bits)
+        err = (wb - (_codes(wb, s, z, bits) - z[..., None]) * s[..., None]) ** 2
+        if importance is not None:
+            err = err * importance
+        err = err.sum(axis=-1)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+            continue
+        better = err < best_err
+        best_s = np.where(better, s, best_s)
+        best_z = np.where(better, z, best_z)
+        best_err = np.where(better, err, best_err)
+    return best_s, best_z
+
+
+def quantize_blocks(w_rows: np.ndarray, block_size: int, *, symmetric: bool = False, grid: int = 1,
+                    min_ratio: float = 0.5, importance: np.ndarray | None = None, bits: int = 4) -> BlockQuant:
+    """Quantize ``w_rows`` [R, C] to ``bits`` (4 or 8) in blocks of ``block_size`` columns.
+
+    ``grid`` = 1 is round-to-nearest; more tries clipping ratios down to ``min_ratio``.
+    ``importance`` [C] weights the per-column reconstruction error (e.g. E[x_c²]).
+    """
+    w = np.asarray(w_rows, dtype=np.float64)
+    r, c = w.shape
+    nb = -(-c // block_size)
+    pad = nb * block_size - c
+    if pad:
+        w = np.concatenate([w, np.zeros((r, pad))], axis=1)
+    wb = w.reshape(r, nb, block_size)
+    imp = None
+    if importance is not None:
+        imp = np.concatenate([np.asarray(importance, np.float64), np.zeros(pad)]).reshape(1, nb, block_size)
+    s, z = choose_block_params(wb, symmetric=symmetric, grid=grid, min_ratio=min_ratio, importance=imp, bits=bits)
+    q = _codes(wb, s, z, bits).astype(np.uint8).reshape(r, -1)
+    if pad:  # padded columns decode to exactly 0
+        q[:, c:] = np.repeat(z.astype(np.uint8), block_size, axis=1)[:, c:]
+    return BlockQuant(q, s.astype(np.float32), z.astype(np.uint8), block_size, c)
+
+
+def proto_constant(name: str, array: np.ndarray) -> gs.Constant:
+    """A graphsurgeon constant from any array onnx can store (int4, uint4, bfloat16 included)."""
+    return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(array, name)))
+
+
+def matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# ----------------------------------------------------------------------------------------------
+# the pass
+
+
+@dataclass(frozen=True)
+class QuantizeInt4Config(StepConfig):
+    name = "quantize_int4"
+    order = 60
+    flag_help = "4-bit block-wise weights for MatMul/Gemm"
+
+    block_size: int = option(32, "4-bit block size along the input features", flag="--int4-block-size",
+                             choices=(16, 32, 64, 128, 256))
+    format: str = option("matmulnbits", "matmulnbits (com.microsoft::MatMulNBits, fast on onnxruntime) or qdq "
+                         "(portable blocked DequantizeLinear int4, opset >= 21)", flag="--int4-format",
+                         choices=("matmulnbits", "qdq"))
+    method: str = option("auto", "rounding: rtn (round to nearest), search (per-block clipping search), "
+                         "gptq (error feedback, needs calibration data), auto (gptq with data, else search)",
+                         flag="--int4-method", choices=("auto", "rtn", "search", "gptq"))
+    symmetric: bool = option(False, "symmetric blocks (zero point 8, no zero-point tensor) instead of "
+                             "asymmetric ones with explicit 4-bit zero points", flag="--int4-symmetric")
+    accuracy_level: int = option(4, "MatMulNBits accuracy_level: 4 = int8 activations inside the kernel (fast), "
+                                 "0 = float activations (exact, slower than fp32)", flag="--int4-accuracy-level",
+                                 choices=(0, 1, 2, 3, 4))
+    search_grid: int = option(24, "clipping ratios tried per block by search and gptq", minimum=1, maximum=200)
+    search_min_ratio: float = option(0.55, "smallest clipping ratio tried", minimum=0.05, maximum=1.0)
+    gptq_damp: float = option(0.01, "GPTQ damping, as a fraction of the Hessian's mean diagonal",
+                              flag="--gptq-damp", minimum=0.0, maximum=1.0)
+    calib_samples: int = option(256, "calibration samples used for activation statistics (gptq, search)",
+                                minimum=1)
+    min_elements: int = option(256, "weights with fewer elements stay float", minimum=0)
+    exclude: tuple[str, ...] = option((), "node-name patterns (fnmatch) kept in float", flag="--int4-exclude",
+                                      metavar="PATTERNS")
+
+    def validate(self) -> None:
+        if self.method == "gptq" and self.format not in ("matmulnbits", "qdq"):  # pragma: no cover
+            raise RecipeError("gptq needs a 4-bit format", where="recipe, quantize_int4")
+
+
+@dataclass
+class _Target:
+    """One MatMul/Gemm whose weight W[K, N] (MatMul orientation) gets quantized."""
+
+    node: gs.Node
+    graph: gs.Graph
+    w: np.ndarray          # [K, N] float (alpha folded)
+    bias: np.ndarray | None  # [N] float (beta·C) for Gemm
+    weight: gs.Tensor
+
+
+def _check_target(node: gs.Node, graph: gs.Graph, cfg: QuantizeInt4Config) -> tuple[_Target | None, str]:
+    """May I? Returns the target or a reason why not."""
+    if matches_any(node.name or "", cfg.exclude):
+        return None, "excluded by name"
+    if len(node.inputs) < 2 or not node.inputs[0].name:
+        return None, "missing inputs"
+    a, b = node.inputs[0], node.inputs[1]
+    if is_constant(a):
+        return None, "input A is a constant (fold it instead)"
+    if not is_constant(b):
+        return None, "weight B is not a constant"
+    ref = weight_ref(b, graph)
+    if ref is None:
+        return None, "weight B is not a tensor constant"
+    if ref.dtype != np.float32:
+        return None, f"weight dtype {ref.dtype} is not float32"
+    if len(ref.shape) != 2:
+        return None, f"weight has rank {len(ref.shape)}, MatMulNBits needs a 2-D weight"
+    if ref.size < cfg.min_elements:
+        return None, f"weight has {ref.size} elements (< min_elements {cfg.min_elements})"
+    if a.dtype is not None and np.dtype(a.dtype) != np.float32:
+        return None, f"activation dtype {np.dtype(a.dtype)} is not float32"
+    if a.shape is not None and len(a.shape) < 2:
+        return None, "activation is 1-D"
+    w = np.asarray(ref.values, dtype=np.float32)
+    bias = None
+    if node.op == "Gemm":
+        at = node.attrs
+        if int(at.get("transA", 0)):
+            return None, "Gemm with transA=1"
+        if int(at.get("transB", 0)):
+            w = w.T
+        w = w * np.float32(at.get("alpha", 1.0))
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            c = const_value(node.inputs[2])
+            if c is None:
+                return None, "Gemm bias C is not a constant"
+            c = np.asarray(c, np.float32) * np.float32(at.get("beta", 1.0))
+            if c.size not in (1, w.shape[1]) or (c.ndim == 2 and c.shape[0] != 1):
+                return None, f"Gemm bias C of shape {list(c.shape)} is not a vector over N"
+            bias = np.broadcast_to(c.reshape(-1), (w.shape[1],)).astype(np.float32).copy()
+    return _Target(node, graph, np.ascontiguousarray(w), bias, b), ""
+
+
+def _orientation(node: gs.Node) -> str:
+    return "T" if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else "N"
+
+
+def _shared_reason(weight: gs.Tensor, graph: gs.Graph, node: gs.Node) -> str:
+    """Why a weight read by several nodes cannot be replaced ('' when all readers agree)."""
+    if is_graph_io(weight, graph):
+        return "the weight is a graph output"
+    here = {id(n) for n in graph.nodes}
+    for c in weight.outputs:
+        if c is node:
+            continue
+        if id(c) not in here:
+            return f"the weight is also read by {c.op} {c.name!r} in another (sub)graph"
+        if c.op not in ("MatMul", "Gemm") or c.inputs[1] is not weight or c.inputs[0] is weight:
+            return f"the weight is also read by {c.op} {c.name!r}"
+        if _orientation(c) != _orientation(node) or (c.op == "Gemm" and float(c.attrs.get("alpha", 1.0)) !=
+                                                       float(node.attrs.get("alpha", 1.0))):
+            return f"the weight is also read by {c.op} {c.name!r} with another layout or alpha"
+    return ""
+
+
+class QuantizeInt4Pass(Pass):
+    config_cls = QuantizeInt4Config
+    lossless = False
+
+    def run(self, graph: gs.Graph, ctx) -> PassResult:
+        cfg: QuantizeInt4Config = self.config
+        res = PassResult()
+        namer = Namer.for_graph(graph)
+        targets: list[_Target] = []
+        for node, g in iter_nodes(graph):
+            if node.op not in ("MatMul", "Gemm") or (node.domain or "") not in ("", "ai.onnx"):
+                continue
+            t, reason = _check_target(node, g, cfg)
+            if t is None:
+                res.skip(node.name or node.op, "int4", reason)
+                continue
+            shared = _shared_reason(t.weight, g, node)
+            if shared:
+                res.skip(node.name or node.op, "int4", shared)
+                continue
+            if cfg.format == "qdq" and (graph.opset or 0) < 21:
+                res.skip(node.name or node.op, "int4", f"the portable qdq form needs opset >= 21, the model has "
+                         f"{graph.opset}; use format=matmulnbits")
+                continue
+            targets.append(t)
+        if not targets:
+            res.details = {"layers": [], "format": cfg.format}
+            return res
+
+        method = cfg.method
+        stats = None
+        if method in ("auto", "gptq", "search"):
+            from onnxcompress.quantize.gptq import collect_input_stats
+
+            stats = collect_input_stats(graph, ctx, [t.node for t in targets], full=method in ("auto", "gptq"),
+                                        max_samples=cfg.calib_samples)
+            if stats is None and method == "gptq":
+                ctx.note("quantize_int4: gptq needs calibration data (--calib-data); used the per-block "
+                         "scale search instead")
+            if method == "auto":
+                method = "gptq" if stats is not None else "search"
+            elif method == "gptq" and stats is None:
+                method = "search"
+
+        layers = []
+        done: dict[int, tuple[BlockQuant, list, str]] = {}  # weight -> (codes, constants, first node)
+        for t in targets:
+            node_name = t.node.name or t.node.op
+            first = done.get(id(t.weight))
+            if first is None:
+                bq, used = self._quantize(t, method, stats)
+            else:
+                bq, used = first[0], "shared"
+            err = float(np.linalg.norm(bq.dequant().T - t.w) / max(float(np.linalg.norm(t.w)), 1e-30))
+            emit = self._emit_nbits if cfg.format == "matmulnbits" else self._emit_qdq
+            consts = emit(t, bq, namer, cfg, first[1] if first is not None else None)
+            if first is None:
+                done[id(t.weight)] = (bq, consts, node_name)
+            entry = {"node": node_name, "op": t.node.op, "weight": t.weight.name, "K": int(t.w.shape[0]),
+                     "N": int(t.w.shape[1]), "block_size": cfg.block_size, "method": used, "format": cfg.format,
+                     "symmetric": cfg.symmetric, "rel_error": round(err, 6)}
+            if first is not None:
+                entry["shared_with"] = first[2]
+            layers.append(entry)
+            res.changed(f"{node_name}: {t.node.op} {entry['K']}x{entry['N']} -> int4 {cfg.format} "
+                        f"(block {cfg.block_size}, {used}, rel. error {err:.4f})")
+        res.details = {"format": cfg.format, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level,
+                       "method": method, "symmetric": cfg.symmetric, "layers": layers}
+        if cfg.format == "qdq":
+            ctx.note("quantize_int4: the portable qdq form runs DequantizeLinear at every inference on "
+                     "onnxruntime (slower than fp32); use format=matmulnbits for speed")
+        return res
+
+    def _quantize(self, t: _Target, method: str, stats) -> tuple[BlockQuant, str]:
+        cfg = self.config
+        wt = t.w.T  # [N, K]: rows = output columns, blocks along K
+        st = stats.get(id(t.node)) if stats is not None else None
+        if method == "gptq" and st is not None and st.hessian is not None:
+            from onnxcompress.quantize.gptq import gptq_quantize
+
+            return gptq_quantize(wt, st.hessian, cfg.block_size, symmetric=cfg.symmetric, grid=cfg.search_grid,
+                                 min_ratio=cfg.search_min_ratio, damp=cfg.gptq_damp), "gptq"
+        if method == "rtn":
+            return quantize_blocks(wt, cfg.block_size, symmetric=cfg.symmetric), "rtn"
+        imp = st.mean_square if st is not None else None
+        used = "search+act" if imp is not None else "search"
+        return quantize_blocks(wt, cfg.block_size, symmetric=cfg.symmetric, grid=cfg.search_grid,
+                               min_ratio=cfg.search_min_ratio, importance=imp), used
+
+    @staticmethod
+    def _emit_nbits(t: _Target, bq: BlockQuant, namer: Namer, cfg: QuantizeInt4Config, shared: list | None) -> list:
+        """Replace the node by MatMulNBits; return the constants (B, scales[, zero points])."""
+        node, g = t.node, t.graph
+        base = t.weight.name
+        if shared is not None:
+            consts = shared
+        else:
+            consts = [proto_constant(namer.fresh(base, "q4"), bq.pack_nibbles()),
+                      gs.Constant(namer.fresh(base, "scales"), bq.scale.astype(np.float32))]
+            if not cfg.symmetric:
+                consts.append(gs.Constant(namer.fresh(base, "zero_points"), bq.pack_zero_points()))
+        inputs = [node.inputs[0], *consts]
+        if t.bias is not None:
+            if cfg.symmetric:
+                inputs.append(gs.Variable(""))
+            inputs += [gs.Variable(""), gs.Constant(namer.fresh(base, "bias"), t.bias)]
+        outs = list(node.outputs)
+        name = node.name
+        disconnect(node)
+        k, n = t.w.shape
+        new = gs.Node("MatMulNBits", name=namer.fresh(name or base, "nbits") if not name else name,
+                      domain=MS_DOMAIN, inputs=inputs, outputs=outs,
+                      attrs={"K": int(k), "N": int(n), "bits": 4, "block_size": int(cfg.block_size),
+                             "accuracy_level": int(cfg.accuracy_level)})
+        g.nodes.append(new)
+        return consts
+
+    @staticmethod
+    def _emit_qdq(t: _Target, bq: BlockQuant, namer: Namer, cfg: QuantizeInt4Config, shared: list | None) -> list:
+        """Replace the node by DequantizeLinear(int4) -> MatMul [-> Add]; return [dequantized tensor]."""
+        node, g = t.node, t.graph
+        base = t.weight.name
+        k, n = t.w.shape
+        if shared is not None:
+            deq = shared[0]
+        else:
+            codes = bq.q[:, :k].T  # [K, N]
+            scale = np.ascontiguousarray(bq.scale.T)  # [nb, N]
+            if cfg.symmetric:
+                x = proto_constant(namer.fresh(base, "int4"), (codes.astype(np.int16) - 8).astype(ml_dtypes.int4))
+                dq_in = [x, gs.Constant(namer.fresh(base, "scale"), scale)]
+            else:
+                x = proto_constant(namer.fresh(base, "uint4"), codes.astype(ml_dtypes.uint4))
+                zp = proto_constant(namer.fresh(base, "zero_point"), np.ascontiguousarray(bq.zero.T).astype(ml_dtypes.uint4))
+                dq_in = [x, gs.Constant(namer.fresh(base, "scale"), scale), zp]
+            deq = gs.Variable(namer.fresh(base, "dequantized"), dtype=np.float32, shape=[k, n])
+            g.nodes.append(gs.Node("DequantizeLinear", name=namer.fresh(base, "DequantizeLinear"), inputs=dq_in,
+                                   outputs=[deq], attrs={"axis": 0, "block_size": int(cfg.block_size)}))
+        outs = list(node.outputs)
+        a = node.inputs[0]
+        name = node.name or namer.fresh(base, "MatMul")
+        disconnect(node)
+        if t.bias is None:
+            g.nodes.append(gs.Node("MatMul", name=name, inputs=[a, deq], outputs=outs))
+        else:
+            mm = gs.Variable(namer.fresh(base, "matmul"), dtype=np.float32)
+            g.nodes.append(gs.Node("MatMul", name=name, inputs=[a, deq], outputs=[mm]))
+            g.nodes.append(gs.Node("Add", name=namer.fresh(name, "bias"), inputs=[mm, gs.Constant(
+                namer.fresh(base, "bias"), t.bias)], outputs=outs))
+        return [deq]
