@@ -1,0 +1,137 @@
+"""Layouts: which entries of a flattened weight ``x[n]`` are stored, and where they go back.
+
+* :class:`FullLayout`: every element is an entry (``L = n``, no position data). With a codebook
+  value stream this is plain weight sharing storage.
+* :class:`BitmaskLayout`: ``m_i = [x_i != 0]`` packed 1 bit per element (``ceil(n / 8)`` bytes), the
+  ``L = nnz`` nonzeros stored in order. Decode::
+
+      pos = CumSum(m) * m                       # 1-based rank of each nonzero, 0 elsewhere
+      x   = Gather(Concat([0], e), pos)
+
+* :class:`GapLayout` (Deep Compression's relative indices): the nonzero positions ``p_0 < p_1 < ...``
+  are stored as gaps ``d_j = p_j - p_{j-1}`` (``p_{-1} = -1``, so ``d_j >= 1``) in ``b`` bits each as
+  ``d_j - 1``. A gap longer than ``2**b`` is bridged with filler entries (value 0, gap ``2**b``), so
+  ``L = nnz + sum_j floor((d_j - 1) / 2**b)``. ``ceil(L · b / 8)`` bytes. Decode::
+
+      pos = CumSum(Cast(g) + 1) - 1
+      x   = ScatterElements(Expand(0, [n]), pos, e, axis=0)
+
+"Nonzero" means "not all-zero bits": ``-0.0`` is stored as a value, so the decode is bit-exact.
+Every numpy ``decode`` here mirrors the ONNX ops the layout emits; the pass checks it before writing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcompress.encode.codebook import bit_keys
+from onnxcompress.encode.decoder import DecodeBuilder, stream_nodes
+from onnxcompress.encode.packing import packed_nbytes
+
+__all__ = ["FullLayout", "BitmaskLayout", "GapLayout", "gap_layout", "nonzero_mask"]
+
+
+def nonzero_mask(flat: np.ndarray) -> np.ndarray:
+    return bit_keys(flat) != 0
+
+
+@dataclass(frozen=True)
+class FullLayout:
+    n: int
+
+    label = "full"
+    nbytes = 0
+
+    def entries(self, flat: np.ndarray) -> np.ndarray:
+        return flat
+
+    def n_nodes(self, opset: int) -> int:
+        return 0
+
+    def decode(self, entries: np.ndarray) -> np.ndarray:
+        return entries
+
+    def emit(self, b: DecodeBuilder, values: gs.Tensor, dtype: np.dtype) -> gs.Tensor:
+        return values
+
+
+@dataclass(frozen=True)
+class BitmaskLayout:
+    mask: np.ndarray  # bool [n]
+
+    label = "bitmask"
+
+    @property
+    def nbytes(self) -> int:
+        return packed_nbytes(self.mask.size, 1)
+
+    def entries(self, flat: np.ndarray) -> np.ndarray:
+        return flat[self.mask]
+
+    def n_nodes(self, opset: int) -> int:
+        return stream_nodes(self.mask.size, 1, opset) + 4
+
+    def decode(self, entries: np.ndarray) -> np.ndarray:
+        m = self.mask.astype(np.int64)
+        pos = np.cumsum(m) * m
+        return np.concatenate([np.zeros(1, entries.dtype), entries])[pos]
+
+    def emit(self, b: DecodeBuilder, values: gs.Tensor, dtype: np.dtype) -> gs.Tensor:
+        bits = b.uint_stream(self.mask.astype(np.uint8), 1, "mask")
+        ranks = b.op("CumSum", [bits, b.i64(0, "axis")], "ranks")
+        pos = b.op("Mul", [ranks, bits], "positions")
+        padded = b.op("Concat", [b.const(np.zeros(1, dtype), "zero"), values], "padded", axis=0)
+        return b.op("Gather", [padded, pos], "scattered", axis=0)
+
+
+@dataclass(frozen=True)
+class GapLayout:
+    n: int
+    bits: int
+    gaps: np.ndarray  # uint8 [L]: gap - 1 per entry
+
+    @property
+    def label(self) -> str:
+        return f"gaps{self.bits}"
+
+    @property
+    def nbytes(self) -> int:
+        return packed_nbytes(self.gaps.size, self.bits)
+
+    def positions(self) -> np.ndarray:
+        return np.cumsum(self.gaps.astype(np.int64) + 1) - 1
+
+    def entries(self, flat: np.ndarray) -> np.ndarray:
+        return flat[self.positions()]
+
+    def n_nodes(self, opset: int) -> int:
+        return stream_nodes(self.gaps.size, self.bits, opset) + 5
+
+    def decode(self, entries: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.n, entries.dtype)
+        out[self.positions()] = entries
+        return out
+
+    def emit(self, b: DecodeBuilder, values: gs.Tensor, dtype: np.dtype) -> gs.Tensor:
+        g = b.uint_stream(self.gaps, self.bits, "gaps")
+        one = b.i64(1, "one")
+        steps = b.op("Add", [g, one], "steps")
+        ends = b.op("CumSum", [steps, b.i64(0, "axis")], "ends")
+        pos = b.op("Sub", [ends, one], "positions")
+        zeros = b.op("Expand", [b.const(np.zeros(1, dtype), "zero"), b.i64([self.n], "size")], "zeros")
+        return b.op("ScatterElements", [zeros, pos, values], "scattered", axis=0)
+
+
+def gap_layout(mask: np.ndarray, bits: int) -> GapLayout:
+    """The gap encoding of the nonzero positions of ``mask``, with fillers for gaps over ``2**bits``."""
+    span = 1 << bits
+    p = np.flatnonzero(mask)
+    gaps = np.diff(p, prepend=-1)
+    fill = (gaps - 1) // span
+    ends = np.cumsum(fill + 1) - 1
+    out = np.full(int(ends[-1]) + 1 if ends.size else 0, span - 1, dtype=np.int64)
+    out[ends] = gaps - fill * span - 1
+    return GapLayout(int(mask.size), bits, out.astype(np.uint8))
