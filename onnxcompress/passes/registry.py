@@ -10,6 +10,7 @@ from __future__ import annotations
 from onnxcompress.errors import RecipeError, did_you_mean
 from onnxcompress.passes.base import Pass
 from onnxcompress.passes.cleanup import CleanupPass, DedupeInitializersPass, FoldConstantsPass
+from onnxcompress.prune.channels import PruneChannelsPass
 from onnxcompress.recipe import StepConfig
 
 __all__ = ["pass_classes", "step_config_class", "make_pass", "pass_names"]
@@ -20,6 +21,7 @@ def _pass_classes() -> tuple[type[Pass], ...]:
         CleanupPass,
         DedupeInitializersPass,
         FoldConstantsPass,
+        PruneChannelsPass,
     )
 
 
@@ -44,4 +46,3 @@ def step_config_class(name: str) -> type[StepConfig]:
 
 
 def make_pass(step: StepConfig) -> Pass:
-    return _by_name(step.name)(step)

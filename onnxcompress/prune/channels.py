@@ -1,0 +1,271 @@
+"""``prune_channels``: structured pruning of whole output channels / neurons, by dependency group.
+
+Rule
+----
+For every dependency group (:mod:`onnxcompress.prune.dependency`) that no unknown op blocks, and for
+each partition of its units (units touching the same tensors and grouped-conv chunks)::
+
+    n_keep = max(1, n - floor(R * n))                  R = --prune-channels
+    n_keep = min(n, ceil(n_keep / N) * N)              N = --round-to (a partition too small keeps all)
+    keep   = the n_keep units of highest importance    (--prune-importance, ties -> lower index)
+
+and every coupled tensor is shrunk to the kept units: producer weight rows and biases,
+BatchNormalization parameters, per-channel constants of elementwise ops, every consumer's input
+rows/columns (grouped Conv per group, depthwise Conv's ``group`` updated), Split sizes and explicit
+Reshape sizes. A removed channel ``c`` of a layer ``y = f(W x + b)`` changes the next layer's input
+by ``x_c`` exactly: pruning channels whose producer rows and biases are all zero (so ``f(0)`` feeds
+zero weight columns, for ``f`` with ``f(0) = 0``) is lossless, and ``R = 0`` is the identity.
+
+The plan (``details["groups"]``) lists, per group, the layers, the channel counts and the kept
+element indices per tensor name (``keep``); :func:`replay_plan` applies it to a graph with the same
+names (e.g. another checkpoint of the same architecture). ``details`` also gives parameters and
+FLOPs (Conv/ConvTranspose/Gemm/MatMul multiply-adds × 2) before and after, from shape inference.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress.errors import PreconditionError
+from onnxcompress.passes.base import Pass, PassResult, cleanup_graph
+from onnxcompress.prune.dependency import (
+    DependencyGraph,
+    Group,
+    ParamWriter,
+    apply_keep,
+    build_dependency_graph,
+    infer_dims,
+)
+from onnxcompress.prune.importance import IMPORTANCE_METHODS, activation_inputs, activation_means, unit_scores
+from onnxcompress.recipe import StepConfig, option
+
+__all__ = [
+    "PruneChannelsConfig",
+    "PruneChannelsPass",
+    "keep_count",
+    "select_units",
+    "model_cost",
+    "replay_plan",
+    "group_skip_reason",
+]
+
+log = logging.getLogger("onnxcompress")
+
+
+@dataclass(frozen=True)
+class PruneChannelsConfig(StepConfig):
+    name = "prune_channels"
+    order = 30
+
+    ratio: float = option(0.3, "fraction of the channels of every dependency group to remove (structured "
+                               "pruning: whole conv channels / neurons, with every coupled tensor)",
+                          flag="--prune-channels", minimum=0.0, maximum=0.99, metavar="R")
+    importance: str = option("l1", "channel importance: l1 / l2 filter norm, bn = |BatchNorm gamma|, "
+                                   "activation = mean |activation| on the calibration data",
+                             flag="--prune-importance", choices=IMPORTANCE_METHODS)
+    round_to: int = option(1, "keep channel counts multiples of N", flag="--round-to", minimum=1, metavar="N")
+    calib_batches: int = option(8, "calibration batches read for activation importance", minimum=1)
+    exclude: tuple[str, ...] = option((), "node names whose dependency groups are left alone")
+
+
+def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
+    """How many of ``n`` units stay: at least one, rounded up to a multiple of ``round_to``."""
+    n_keep = max(1, n - int(np.floor(ratio * n + 1e-9)))
+    if round_to > 1:
+        n_keep = min(n, -(-n_keep // round_to) * round_to)
+    return n_keep
+
+
+def select_units(group: Group, scores: np.ndarray, ratio: float, round_to: int = 1) -> np.ndarray:
+    """The kept unit ids: per partition, the ``keep_count`` highest-scoring (stable on ties)."""
+    units = group.units()
+    pos = {int(u): i for i, u in enumerate(units)}
+    keep = []
+    for part in group.partitions():
+        k = keep_count(len(part), ratio, round_to)
+        s = scores[[pos[int(u)] for u in part]]
+        order = np.argsort(-s, kind="stable")[:k]
+        keep.extend(part[np.sort(order)].tolist())
+    return np.array(sorted(keep), dtype=np.int64)
+
+
+def group_skip_reason(group: Group) -> str:
+    """One line naming up to three distinct reasons a group is blocked."""
+    seen: list[str] = []
+    for node, reason in group.blocked:
+        line = f"{node}: {reason}"
+        if line not in seen:
+            seen.append(line)
+    more = f" (+{len(seen) - 3} more)" if len(seen) > 3 else ""
+    return "; ".join(seen[:3]) + more
+
+
+# ----------------------------------------------------------------------------------------------
+# cost
+
+
+def _known(dims: list | None) -> list[int] | None:
+    if dims is None:
+        return None
+    return [d if isinstance(d, int) and d > 0 else 1 for d in dims]
+
+
+def model_cost(model: onnx.ModelProto, dims: dict[str, list] | None = None) -> dict[str, int]:
+    """``params``: elements of float constants (initializers, Constant and ConstantOfShape outputs);
+    ``flops``: 2 × multiply-adds of Conv, ConvTranspose, Gemm and MatMul (symbolic dims count as 1)."""
+    dims = infer_dims(model) if dims is None else dims
+    g = model.graph
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                   onnx.TensorProto.BFLOAT16}
+    params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in g.initializer if t.data_type in float_types)
+    flops = 0
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and a.t.data_type in float_types:
+                    params += int(np.prod(a.t.dims, dtype=np.int64))
+        elif n.op_type == "ConstantOfShape":
+            d = _known(dims.get(n.output[0]))
+            value = next((a.t for a in n.attribute if a.name == "value"), None)
+            if d is not None and (value is None or value.data_type in float_types):
+                params += int(np.prod(d, dtype=np.int64))
+        elif n.op_type in ("Conv", "ConvTranspose"):
+            w, y = _known(dims.get(n.input[1])), _known(dims.get(n.output[0]))
+            x = _known(dims.get(n.input[0]))
+            if w is None or y is None or x is None:
+                continue
+            if n.op_type == "Conv":  # every output element: Cin/g * k multiply-adds
+                flops += 2 * int(np.prod(y, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+            else:  # every input element spreads over Cout/g * k outputs
+                flops += 2 * int(np.prod(x, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+        elif n.op_type in ("Gemm", "MatMul"):
+            a, y = _known(dims.get(n.input[0])), _known(dims.get(n.output[0]))
+            if a is None or y is None or not a:
+                continue
+            trans_a = next((a_.i for a_ in n.attribute if a_.name == "transA"), 0)
+            k = a[0] if (n.op_type == "Gemm" and trans_a) else a[-1]
+            flops += 2 * int(np.prod(y, dtype=np.int64)) * k
+    return {"params": int(params), "flops": int(flops)}
+
+
+def _graph_cost(graph: gs.Graph, template: onnx.ModelProto | None) -> dict[str, int]:
+    from onnxcompress.graph.io import graph_to_model
+
+    g = cleanup_graph(graph.copy())
+    return model_cost(graph_to_model(g, template))
+
+
+# ----------------------------------------------------------------------------------------------
+# the pass
+
+
+class PruneChannelsPass(Pass):
+    config_cls = PruneChannelsConfig
+    lossless = False
+
+    def run(self, graph: gs.Graph, ctx) -> PassResult:
+        res = PassResult()
+        cfg = self.config
+        model = ctx.model_of(graph)
+        dg = build_dependency_graph(graph, model)
+        before = model_cost(model, dg.dims)
+        method, activations = self._importance(dg, model, ctx, res)
+        writer = ParamWriter(graph)
+        plan = []
+        for group in dg.groups:
+            reason = self._may_prune(group)
+            if reason is not None:
+                if reason:
+                    res.skip(group.name, "prune_channels", reason)
+                continue
+            scores = unit_scores(group, method, activations=activations)
+            used = method
+            if scores is None:
+                used = "l1"
+                scores = unit_scores(group, "l1")
+            units = group.units()
+            keep = select_units(group, scores, cfg.ratio, cfg.round_to)
+            if len(keep) == len(units):
+                if cfg.ratio > 0:
+                    res.skip(group.name, "prune_channels",
+                             f"{len(units)} channels: none to remove at ratio {cfg.ratio} (round-to {cfg.round_to})")
+                continue
+            kept = apply_keep(graph, group, keep, writer)
+            res.changed(f"{group.name}: kept {len(keep)} of {len(units)} channels "
+                        f"({', '.join(group.layers()[:4])}{', ...' if len(group.layers()) > 4 else ''})")
+            plan.append({"group": group.name, "layers": group.layers(), "channels": int(len(units)),
+                         "kept": int(len(keep)), "importance": used, "keep": kept})
+        after = _graph_cost(graph, ctx.original.model if ctx.original is not None else None) if plan else before
+        res.details = {
+            "ratio": cfg.ratio, "importance": method, "round_to": cfg.round_to,
+            "groups": plan,
+            "params_before": before["params"], "params_after": after["params"],
+            "flops_before": before["flops"], "flops_after": after["flops"],
+        }
+        return res
+
+    def _may_prune(self, group: Group) -> str | None:
+        """None when the group may be pruned; '' to pass silently; else the reason."""
+        if group.blocked:
+            return group_skip_reason(group)
+        if not group.prunable:
+            return ""
+        excluded = set(self.config.exclude).intersection(group.layers())
+        if excluded:
+            return f"excluded by the recipe ({', '.join(sorted(excluded))})"
+        return None
+
+    def _importance(self, dg: DependencyGraph, model, ctx, res: PassResult) -> tuple[str, dict | None]:
+        cfg = self.config
+        if cfg.importance != "activation":
+            return cfg.importance, None
+        feeds = ctx.feeds(model)
+        if feeds is None:
+            ctx.note("prune_channels: no calibration data, so channel importance is l1 instead of activation")
+            return "l1", None
+        targets = {}
+        for g in dg.groups:
+            if g.prunable and not g.blocked:
+                targets.update({s.name: s.axis for s in activation_inputs(g)})
+        if not targets:
+            return "activation", {}
+        return "activation", activation_means(model, targets, feeds, max_batches=cfg.calib_batches)
+
+
+def replay_plan(graph: gs.Graph, plan: dict[str, Any] | list, *, dims: dict | None = None) -> PassResult:
+    """Apply the kept indices of a ``prune_channels`` plan (its ``details`` or ``details["groups"]``)
+    to ``graph``, matched by tensor name. A plan entry whose tensors are missing or whose group
+    differs here raises PreconditionError."""
+    entries = plan["groups"] if isinstance(plan, dict) else plan
+    dg = build_dependency_graph(graph, dims=dims)
+    by_tensor = {s.name: (g, s) for g in dg.groups for s in g.spaces}
+    writer = ParamWriter(graph)
+    res = PassResult()
+    for entry in entries:
+        name = entry["group"]
+        found = [(by_tensor[t], idx) for t, idx in entry["keep"].items() if t in by_tensor]
+        if not found:
+            raise PreconditionError(f"plan group {name!r}: none of its tensors is in this graph",
+                                    where="replay_plan", hint="replay plans on models with the same tensor names")
+        group = found[0][0][0]
+        if group.blocked:
+            raise PreconditionError(f"plan group {name!r} is blocked here: {group_skip_reason(group)}",
+                                    where="replay_plan")
+        keep_sets = []
+        for (g, s), idx in found:
+            if g is not group:
+                raise PreconditionError(f"plan group {name!r} spans several groups in this graph", where="replay_plan")
+            if idx and max(idx) >= s.size:
+                raise PreconditionError(f"plan group {name!r}: {s.name} has {s.size} channels here, "
+                                        f"the plan keeps index {max(idx)}", where="replay_plan")
+            keep_sets.append(set(np.unique(group.unit_ids(s)[np.array(idx, dtype=np.int64)]).tolist()))
+        keep = np.array(sorted(set.union(*keep_sets)), dtype=np.int64)
+        apply_keep(graph, group, keep, writer)
+        res.changed(f"{name}: kept {len(keep)} of {len(group.units())} channels (replayed)")
+    return res
