@@ -1,0 +1,551 @@
+"""``distill``: repair a compressed student from the original (teacher) model, layer by layer.
+
+After the lossy passes (pruning, sparsity, weight sharing, quantization), each linear layer of the
+student — ``Gemm``, ``MatMul`` with a constant right operand, ``Conv`` with ``group = 1`` — is refitted
+so that its output matches the teacher's activation of the same name on the calibration data.
+
+For one layer with output rows ``y = A·w_o + b_o`` (``A`` = the layer's input rows: ``X`` for
+Gemm/MatMul, the im2col patches of ``X`` for Conv; one row per sample and output position) and the
+teacher's target ``T`` (the teacher tensor with the layer output's name; for a structurally pruned
+student its channels are mapped to the student's kept channels), each output ``o`` is solved over
+the positions ``S_o`` its weight row keeps (the sparsity mask: zeros stay zero)::
+
+    [w_S; b] = argmin ‖[A_S 1]·[w_S; b] − T_o‖² + λ·‖w_S‖²        λ = ridge · mean(diag(AᵀA)/N)
+             = (G_SS + λI)⁻¹ · c_S    with G = [A 1]ᵀ[A 1],  c = [A 1]ᵀ T_o
+
+Only the streamed sums ``G`` (d+1 × d+1), ``[A 1]ᵀT`` and ``ΣT²`` are kept, batch by batch, so
+memory does not grow with the number of samples. The fit is **sequential**: ``A`` comes from the
+student itself with every earlier layer already repaired, so each layer also absorbs the error its
+inputs carry. The teacher's activations are computed once and kept in ``ctx.scratch_dir()``.
+
+After the float fit the weights go back on their grid:
+
+* **codebook** (weight sharing left ``K ≤ max_codebook`` distinct non-zero values): a few Lloyd
+  iterations move the centres to the new values, then every kept weight snaps to its nearest centre;
+* **integer grid** (the weight is ``DequantizeLinear(q, scale, zero_point)``): ``q = clip(round(w/scale)
+  + zp)`` with the same scale and zero point;
+* then **bias correction**: the bias is re-solved for the snapped weights,
+  ``b_o = (ΣT_o − Σ_rows A·w_o) / N`` — the quantization error's mean is absorbed by the bias.
+
+A refit is kept only when it lowers the layer's squared error against the teacher on the
+calibration data (computed from the same sums: ``‖Aw − t‖² = wᵀGw − 2wᵀc + Σt²``); otherwise the
+layer keeps its weights and the decline is a Skip.
+
+**Channel map.** When the teacher's target has more channels than the student's layer (structured
+pruning), each student channel is matched to the teacher channel its activations correlate with
+best (one-to-one, by ``scipy.optimize.linear_sum_assignment`` on the correlation), computed from the
+same streamed sums; the chosen map is recorded in ``details["layers"]``.
+
+May I? The layer is in the top-level graph; its weight (and bias) are constants (or a
+``DequantizeLinear`` of constants) that only this layer reads and that are not graph outputs; the
+teacher has a tensor with the layer output's name and at least as many channels; Gemm has
+``alpha = beta = 1`` and ``transA = 0``; Conv has ``group = 1`` and explicit (``NOTSET``) padding.
+Otherwise the layer is a Skip with the reason. Without calibration data the pass declines as a
+whole (a Skip and a note).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress.graph.query import is_graph_io, producer, weight_ref
+from onnxcompress.passes.base import Pass, PassResult
+from onnxcompress.recipe import StepConfig, option
+
+__all__ = ["DistillConfig", "DistillPass", "Layer", "find_layers", "im2col", "solve_masked",
+           "snap_to_codebook"]
+
+log = logging.getLogger("onnxcompress")
+
+LAYER_OPS = ("Gemm", "MatMul", "Conv")
+
+
+@dataclass(frozen=True)
+class DistillConfig(StepConfig):
+    name = "distill"
+    order = 70
+    flag = "--distill"
+    flag_help = ("repair the compressed model from the original (the teacher) layer by layer on the calibration "
+                 "data (needs --calib-data)")
+
+    ridge: float = option(1e-3, "ridge penalty, relative to the mean diagonal of the layer's input Gram matrix",
+                          flag="--distill-ridge", minimum=0)
+    max_samples: int = option(2048, "calibration samples used (first-dimension rows of the feeds)",
+                              flag="--distill-samples", minimum=1)
+    ops: tuple[str, ...] = option(LAYER_OPS, "layer types refitted, comma separated", choices=LAYER_OPS)
+    bias_correction: bool = option(True, "re-solve the bias after snapping weights back to their codebook or grid")
+    codebook_iters: int = option(3, "Lloyd iterations that move a shared layer's centres to the refitted weights "
+                                    "before snapping", minimum=0)
+    max_codebook: int = option(256, "a weight with at most this many distinct non-zero values is treated as shared "
+                                    "(snapped back to a codebook)", minimum=1, maximum=65536)
+
+
+# ----------------------------------------------------------------------------------------------
+# layers
+
+
+@dataclass
+class Layer:
+    """One refittable layer of the student. Rows of the weight are output channels: ``[O, d]``."""
+
+    node: gs.Node
+    x: gs.Tensor                         # the variable input
+    target: gs.Tensor                    # the tensor compared with the teacher (layer or bias-Add output)
+    weight: gs.Tensor                    # the constant (or DequantizeLinear output) the layer reads
+    bias: gs.Tensor | None               # constant bias, or None
+    kind: str                            # "gemm_t" ([O, K]), "kn" ([K, O]), "conv" ([O, C, kh, kw])
+    dq: gs.Node | None = None            # DequantizeLinear producing the weight, if any
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.target.name
+
+
+def _weight_source(t: gs.Tensor, layer: gs.Node, graph: gs.Graph) -> tuple[gs.Node | None, str | None]:
+    """``(DequantizeLinear node or None, reason it cannot be refitted or None)``."""
+    if is_graph_io(t, graph):
+        return None, f"weight {t.name!r} is a graph input or output"
+    if any(c is not layer for c in t.outputs):
+        return None, f"weight {t.name!r} is shared with other nodes"
+    if weight_ref(t, graph) is not None:
+        if np.dtype(weight_ref(t, graph).dtype) not in (np.float32, np.float64, np.float16):
+            return None, f"weight {t.name!r} is not a float tensor"
+        return None, None
+    p = producer(t)
+    if p is not None and p.op == "DequantizeLinear":
+        q = p.inputs[0]
+        if weight_ref(q, graph) is None or any(weight_ref(i, graph) is None for i in p.inputs[1:] if i.name):
+            return None, f"DequantizeLinear of {t.name!r} reads a non-constant"
+        if any(c is not p for c in q.outputs) or is_graph_io(q, graph):
+            return None, f"quantized weight {q.name!r} is shared"
+        if np.dtype(weight_ref(q, graph).dtype) not in (np.int8, np.uint8):
+            return None, f"quantized weight {q.name!r} is {weight_ref(q, graph).dtype}, not int8/uint8"
+        if int(p.attrs.get("block_size", 0) or 0):
+            return None, "blocked DequantizeLinear is not refitted"
+        return p, None
+    return None, f"weight {t.name!r} is not a constant"
+
+
+def _check_layer(node: gs.Node, graph: gs.Graph) -> tuple[Layer | None, str | None]:
+    """May I refit this node? ``(layer, None)`` or ``(None, reason)``."""
+    if len(node.inputs) < 2 or not node.outputs:
+        return None, "fewer than two inputs"
+    x, w = node.inputs[0], node.inputs[1]
+    if weight_ref(x, graph) is not None:
+        return None, "the data input is a constant"
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    target = node.outputs[0]
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)) or float(node.attrs.get("alpha", 1.0)) != 1.0 \
+                or float(node.attrs.get("beta", 1.0)) != 1.0:
+            return None, "Gemm with transA or alpha/beta != 1"
+        kind = "gemm_t" if int(node.attrs.get("transB", 0)) else "kn"
+    elif node.op == "MatMul":
+        kind = "kn"
+        wv = weight_ref(w, graph)
+        if wv is not None and len(wv.shape) != 2:
+            return None, "MatMul weight is not 2-D"
+        cons = target.outputs
+        if len(cons) == 1 and cons[0].op == "Add" and not is_graph_io(target, graph):
+            add = cons[0]
+            other = add.inputs[1] if add.inputs[0] is target else add.inputs[0]
+            ov = weight_ref(other, graph)
+            if ov is not None and len(ov.shape) == 1 and all(c is add for c in other.outputs) \
+                    and not is_graph_io(other, graph):
+                bias, target = other, add.outputs[0]
+    elif node.op == "Conv":
+        if int(node.attrs.get("group", 1)) != 1:
+            return None, "grouped convolution"
+        ap = node.attrs.get("auto_pad", "NOTSET")
+        if isinstance(ap, bytes):
+            ap = ap.decode()
+        if ap not in ("NOTSET", ""):
+            return None, f"auto_pad={ap}"
+        kind = "conv"
+    else:
+        return None, f"op {node.op} is not refitted"
+    dq, reason = _weight_source(w, node, graph)
+    if reason:
+        return None, reason
+    if bias is not None:
+        if weight_ref(bias, graph) is None:
+            return None, "the bias is not a constant"
+        if any(c is not node and not (c.op == "Add" and c.outputs and c.outputs[0] is target) for c in bias.outputs) \
+                or is_graph_io(bias, graph):
+            return None, f"bias {bias.name!r} is shared"
+    return Layer(node, x, target, w, bias, kind, dq), None
+
+
+def find_layers(graph: gs.Graph, ops: tuple[str, ...] = LAYER_OPS) -> tuple[list[Layer], list[tuple[str, str]]]:
+    """The refittable layers of the top-level graph in topological order, and ``(node, reason)`` declines."""
+    graph.toposort(recurse_subgraphs=False)
+    layers, declined = [], []
+    for node in graph.nodes:
+        if node.op not in ops:
+            continue
+        layer, reason = _check_layer(node, graph)
+        if layer is None:
+            declined.append((node.name or node.op, reason))
+        else:
+            layers.append(layer)
+    return layers, declined
+
+
+# ----------------------------------------------------------------------------------------------
+# weights <-> rows
+
+
+def _dq_float(dq: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(float weight, broadcast scale, broadcast zero point)`` of a DequantizeLinear of constants."""
+    q = np.asarray(weight_ref(dq.inputs[0], graph).values)
+    scale = np.asarray(weight_ref(dq.inputs[1], graph).values, np.float64)
+    zp = np.asarray(weight_ref(dq.inputs[2], graph).values, np.float64) if len(dq.inputs) > 2 and dq.inputs[2].name \
+        else np.zeros_like(scale)
+    if scale.ndim == 1 and scale.size > 1:
+        axis = int(dq.attrs.get("axis", 1)) % q.ndim
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return (q.astype(np.float64) - zp) * scale, np.broadcast_to(scale, q.shape), np.broadcast_to(zp, q.shape)
+
+
+def _current_weight(layer: Layer, graph: gs.Graph) -> np.ndarray:
+    if layer.dq is not None:
+        return _dq_float(layer.dq, graph)[0]
+    return np.asarray(weight_ref(layer.weight, graph).values, np.float64)
+
+
+def _to_rows(w: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "kn":
+        return w.T
+    return w.reshape(w.shape[0], -1)
+
+
+def _from_rows(rows: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    if kind == "kn":
+        return rows.T.reshape(shape)
+    return rows.reshape(shape)
+
+
+def _set_const(t: gs.Tensor, graph: gs.Graph, values: np.ndarray) -> None:
+    ref = weight_ref(t, graph)
+    values = np.ascontiguousarray(values.astype(ref.dtype))
+    if ref.node is not None:
+        ref.node.attrs["value"] = gs.Constant(ref.constant.name or ref.name, values)
+    else:
+        ref.constant.values = values
+
+
+# ----------------------------------------------------------------------------------------------
+# math
+
+
+def im2col(x: np.ndarray, w_shape: tuple[int, ...], attrs: dict) -> np.ndarray:
+    """Rows ``[N·Ho·Wo…, C·k…]`` of a group-1 Conv's input patches, in the weight's flattening order."""
+    k = tuple(w_shape[2:])
+    nd = len(k)
+    strides = list(attrs.get("strides", [1] * nd))
+    dil = list(attrs.get("dilations", [1] * nd))
+    pads = list(attrs.get("pads", [0] * (2 * nd)))
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    n, c = x.shape[:2]
+    out = [(xp.shape[2 + i] - dil[i] * (k[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
+    cols = np.empty((n, c) + k + tuple(out), dtype=x.dtype)
+    for off in np.ndindex(*k):
+        sl = tuple(slice(off[i] * dil[i], off[i] * dil[i] + strides[i] * (out[i] - 1) + 1, strides[i])
+                   for i in range(nd))
+        cols[(slice(None), slice(None)) + off] = xp[(slice(None), slice(None)) + sl]
+    # [N, C, k..., out...] -> [N, out..., C, k...]
+    perm = (0,) + tuple(range(2 + nd, 2 + 2 * nd)) + (1,) + tuple(range(2, 2 + nd))
+    return cols.transpose(perm).reshape(-1, c * int(np.prod(k)))
+
+
+def _layer_rows(layer: Layer, x: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
+    if layer.kind == "conv":
+        return im2col(x, w_shape, layer.node.attrs)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _out_rows(y: np.ndarray, kind: str) -> np.ndarray:
+    """Channels last, one row per sample and position."""
+    if kind == "conv":
+        return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    return y.reshape(-1, y.shape[-1])
+
+
+def solve_masked(gram: np.ndarray, cross: np.ndarray, mask: np.ndarray, *, ridge: float, bias: bool) -> np.ndarray:
+    """Per output row ``o``: least squares over the kept positions ``mask[o]`` (and the bias column).
+
+    ``gram`` is ``[A 1]ᵀ[A 1]`` (``d+1`` square, last = the ones column), ``cross`` is ``[A 1]ᵀT``
+    (``[d+1, O]``), ``mask`` is ``[O, d]`` bool. Returns ``[O, d+1]`` (zeros outside the mask; the
+    last column is the bias, 0 when ``bias`` is False).
+    """
+    d = gram.shape[0] - 1
+    lam = ridge * float(np.mean(np.diag(gram)[:d])) if d else 0.0
+    out = np.zeros((mask.shape[0], d + 1))
+    groups: dict[bytes, list[int]] = {}
+    for o in range(mask.shape[0]):
+        groups.setdefault(np.packbits(mask[o]).tobytes(), []).append(o)
+    for rows in groups.values():
+        idx = np.flatnonzero(mask[rows[0]])
+        if bias:
+            idx = np.append(idx, d)
+        if idx.size == 0:
+            continue
+        g = gram[np.ix_(idx, idx)].copy()
+        reg = np.full(idx.size, lam)
+        if bias:
+            reg[-1] = 0.0
+        g[np.diag_indices_from(g)] += reg + 1e-12 * max(1.0, float(np.abs(np.diag(g)).max()))
+        sol = np.linalg.lstsq(g, cross[np.ix_(idx, rows)], rcond=None)[0] if np.linalg.cond(g) > 1e12 \
+            else np.linalg.solve(g, cross[np.ix_(idx, rows)])
+        out[np.ix_(rows, idx)] = sol.T
+    return out
+
+
+def _sq_error(wb: np.ndarray, gram: np.ndarray, cross: np.ndarray, tt: np.ndarray) -> float:
+    """``Σ_o ‖[A 1]·wb_o − t_o‖²`` from the sums."""
+    return float(np.einsum("od,de,oe->", wb, gram, wb) - 2 * np.einsum("od,do->", wb, cross) + tt.sum())
+
+
+def snap_to_codebook(values: np.ndarray, centres: np.ndarray, iters: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd iterations from ``centres`` on ``values`` (1-D), then snap; returns ``(snapped, centres)``."""
+    c = np.sort(np.asarray(centres, np.float64))
+    for _ in range(iters + 1):
+        mids = (c[1:] + c[:-1]) / 2
+        assign = np.searchsorted(mids, values)
+        if _ == iters:
+            break
+        sums = np.bincount(assign, weights=values, minlength=c.size)
+        counts = np.bincount(assign, minlength=c.size)
+        c = np.where(counts > 0, sums / np.maximum(counts, 1), c)
+        c = np.sort(c)
+    return c[assign], c
+
+
+# ----------------------------------------------------------------------------------------------
+# activations
+
+
+def _session(model: onnx.ModelProto, names: list[str], base_dir):
+    from onnxcompress.verify.layers import expose_tensors
+    from onnxcompress.verify.session import make_session
+
+    exposed, _ = expose_tensors(model, names)
+    return make_session(exposed, "cpu", optimize=False, base_dir=base_dir)
+
+
+def _limited(source, max_samples: int):
+    seen = 0
+    for feed in source:
+        if seen >= max_samples:
+            return
+        n = len(next(iter(feed.values()))) if feed else 1
+        take = min(n, max_samples - seen)
+        seen += take
+        yield {k: v[:take] for k, v in feed.items()} if take < n else dict(feed)
+
+
+class _Stats:
+    """Streamed sums for one layer: Gram of ``[A 1]``, ``[A 1]ᵀT``, ``ΣT²``, and the correlation sums."""
+
+    def __init__(self) -> None:
+        self.gram = self.cross = self.tt = None
+        self.ys_t = self.ys = self.yt = self.ys2 = self.yt2 = None
+        self.rows = 0
+
+    def add(self, a: np.ndarray, t: np.ndarray, ys: np.ndarray | None) -> None:
+        a1 = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+        if self.gram is None:
+            self.gram = np.zeros((a1.shape[1],) * 2)
+            self.cross = np.zeros((a1.shape[1], t.shape[1]))
+            self.tt = np.zeros(t.shape[1])
+        self.gram += a1.T @ a1
+        self.cross += a1.T @ t
+        self.tt += (t * t).sum(axis=0)
+        self.rows += a.shape[0]
+        if ys is not None:
+            if self.ys_t is None:
+                self.ys_t = np.zeros((ys.shape[1], t.shape[1]))
+                self.ys, self.ys2 = np.zeros(ys.shape[1]), np.zeros(ys.shape[1])
+                self.yt, self.yt2 = np.zeros(t.shape[1]), np.zeros(t.shape[1])
+            self.ys_t += ys.T @ t
+            self.ys += ys.sum(0)
+            self.ys2 += (ys * ys).sum(0)
+            self.yt += t.sum(0)
+            self.yt2 += (t * t).sum(0)
+
+    def channel_map(self) -> np.ndarray:
+        """Student channel -> teacher channel, one-to-one, maximizing the activations' correlation."""
+        from scipy.optimize import linear_sum_assignment
+
+        n = self.rows
+        cov = self.ys_t / n - np.outer(self.ys / n, self.yt / n)
+        sd_s = np.sqrt(np.maximum(self.ys2 / n - (self.ys / n) ** 2, 1e-30))
+        sd_t = np.sqrt(np.maximum(self.yt2 / n - (self.yt / n) ** 2, 1e-30))
+        corr = cov / np.outer(sd_s, sd_t)
+        rows, cols = linear_sum_assignment(-corr)
+        out = np.empty(corr.shape[0], dtype=np.int64)
+        out[rows] = cols
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the pass
+
+
+class DistillPass(Pass):
+    config_cls = DistillConfig
+    lossless = False
+
+    def run(self, graph: gs.Graph, ctx) -> PassResult:
+        res = PassResult()
+        cfg: DistillConfig = self.config
+        if ctx is None or ctx.data is None or ctx.original is None:
+            res.skip("(model)", "distill", "no calibration data: the repair needs --calib-data")
+            if ctx is not None:
+                ctx.note("distill: skipped, no calibration data (give --calib-data to repair from the teacher)")
+            return res
+        layers, declined = find_layers(graph, cfg.ops)
+        for node, reason in declined:
+            res.skip(node, "distill", reason)
+        teacher = ctx.original.model
+        t_names = {o for n in teacher.graph.node for o in n.output} | {o.name for o in teacher.graph.output}
+        todo = []
+        for layer in layers:
+            if layer.target.name not in t_names:
+                res.skip(layer.name, "distill", f"the teacher has no tensor named {layer.target.name!r}")
+            else:
+                todo.append(layer)
+        rows_out: list[dict[str, Any]] = []
+        res.details["layers"] = rows_out
+        if not todo:
+            return res
+        batches = self._teacher_activations(ctx, teacher, [l.target.name for l in todo], cfg.max_samples)
+        for layer in todo:
+            rec = self._refit(layer, graph, ctx, batches, res)
+            if rec is not None:
+                rows_out.append(rec)
+        if res.modified:
+            gains = [r["error_before"] / max(r["error_after"], 1e-30) for r in rows_out if r.get("refit")]
+            ctx.note(f"distill: {len(gains)} layer(s) refitted from the teacher on {batches[0]} sample(s); "
+                     f"layer error reduced {min(gains):.2g}x..{max(gains):.2g}x")
+        return res
+
+    # -- teacher ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _teacher_activations(ctx, teacher: onnx.ModelProto, names: list[str], max_samples: int):
+        """Run the teacher once; store each batch's feed and targets in the scratch folder."""
+        names = list(dict.fromkeys(names))
+        sess = _session(teacher, names, ctx.original.base_dir)
+        from onnxcompress.verify.session import run_session
+
+        folder = ctx.scratch_dir() / "distill"
+        folder.mkdir(exist_ok=True)
+        files, samples = [], 0
+        for i, feed in enumerate(_limited(ctx.feeds(teacher), max_samples)):
+            outs = run_session(sess, feed, names)
+            path = folder / f"batch{i:05d}.npz"
+            np.savez(path, **{f"feed:{k}": v for k, v in feed.items()},
+                     **{f"t{j}": outs[n] for j, n in enumerate(names)})
+            files.append(path)
+            samples += len(next(iter(feed.values()))) if feed else 1
+        return samples, files, {n: j for j, n in enumerate(names)}
+
+    # -- one layer -------------------------------------------------------------------------------
+
+    def _refit(self, layer: Layer, graph: gs.Graph, ctx, batches, res: PassResult) -> dict[str, Any] | None:
+        cfg: DistillConfig = self.config
+        _, files, index = batches
+        w = _current_weight(layer, graph)
+        rows = _to_rows(w, layer.kind)
+        bias = np.asarray(weight_ref(layer.bias, graph).values, np.float64) if layer.bias is not None else None
+        model = ctx.model_of(graph)
+        sess = _session(model, [layer.x.name, layer.target.name], ctx.base_dir)
+        from onnxcompress.verify.session import run_session
+
+        st = _Stats()
+        key = f"t{index[layer.target.name]}"
+        for path in files:
+            with np.load(path) as z:
+                feed = {k[5:]: z[k] for k in z.files if k.startswith("feed:")}
+                t = np.asarray(z[key], np.float64)
+            outs = run_session(sess, feed, [layer.x.name, layer.target.name])
+            a = _layer_rows(layer, np.asarray(outs[layer.x.name], np.float64), w.shape)
+            ys = _out_rows(np.asarray(outs[layer.target.name], np.float64), layer.kind)
+            tr = _out_rows(t, layer.kind)
+            if tr.shape[0] != a.shape[0] or tr.shape[1] < rows.shape[0]:
+                res.skip(layer.name, "distill", f"teacher tensor {layer.target.name!r} has shape {list(t.shape)}, "
+                                                f"the student's layer gives {rows.shape[0]} channels")
+                return None
+            st.add(a, tr, ys if tr.shape[1] != rows.shape[0] else None)
+        cmap = None
+        if st.cross.shape[1] != rows.shape[0]:
+            cmap = st.channel_map()
+            st.cross, st.tt = st.cross[:, cmap], st.tt[cmap]
+        mask = rows != 0
+        old = np.concatenate([rows, (bias if bias is not None else np.zeros(rows.shape[0]))[:, None]], axis=1)
+        err_before = _sq_error(old, st.gram, st.cross, st.tt)
+        new = solve_masked(st.gram, st.cross, mask, ridge=cfg.ridge, bias=bias is not None)
+        grid = self._snap(layer, graph, new[:, :-1], mask)
+        new[:, :-1] = grid
+        if bias is not None and cfg.bias_correction:
+            # b_o = (Σ t_o − Σ_rows a·w_o) / N, with the last row of the Gram holding Σ a
+            new[:, -1] = (st.cross[-1] - new[:, :-1] @ st.gram[-1, :-1]) / st.gram[-1, -1]
+        err_after = _sq_error(new, st.gram, st.cross, st.tt)
+        rec = {"node": layer.name, "tensor": layer.weight.name, "target": layer.target.name,
+               "error_before": err_before / st.rows, "error_after": err_after / st.rows,
+               "kept": int(mask.sum()), "grid": layer.notes.get("grid", "float"),
+               "channel_map": cmap.tolist() if cmap is not None else None}
+        if not err_after < err_before:
+            res.skip(layer.name, "distill", f"refit does not lower the layer error ({err_after / st.rows:.3g} >= "
+                                            f"{err_before / st.rows:.3g}); kept as is")
+            rec["refit"] = False
+            return rec
+        self._write(layer, graph, new, w.shape, bias is not None)
+        rec["refit"] = True
+        res.changed(f"{layer.name}: refitted ({rec['grid']}), layer error {rec['error_before']:.3g} -> "
+                    f"{rec['error_after']:.3g}")
+        return rec
+
+    def _snap(self, layer: Layer, graph: gs.Graph, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Put refitted float rows back on the layer's codebook or integer grid."""
+        cfg: DistillConfig = self.config
+        if layer.dq is not None:
+            _, scale, zp = _dq_float(layer.dq, graph)
+            q = np.asarray(weight_ref(layer.dq.inputs[0], graph).values)
+            info = np.iinfo(q.dtype)
+            w = _from_rows(rows, layer.kind, q.shape)
+            qn = np.clip(np.round(w / scale + zp), info.min, info.max)
+            qn = np.where(_from_rows(mask, layer.kind, q.shape), qn, q)
+            layer.notes["grid"] = f"{q.dtype} grid"
+            layer.notes["q"] = qn.astype(q.dtype)
+            return _to_rows((qn - zp) * scale, layer.kind)
+        old = _to_rows(_current_weight(layer, graph), layer.kind)
+        kept = old[mask]
+        centres = np.unique(kept)
+        if 0 < centres.size <= cfg.max_codebook and centres.size < kept.size:
+            snapped, c = snap_to_codebook(rows[mask], centres, cfg.codebook_iters)
+            out = np.zeros_like(rows)
+            out[mask] = snapped
+            layer.notes["grid"] = f"codebook K={c.size}"
+            return out
+        layer.notes["grid"] = "float"
+        return np.where(mask, rows, 0.0)
+
+    @staticmethod
+    def _write(layer: Layer, graph: gs.Graph, new: np.ndarray, shape: tuple[int, ...], has_bias: bool) -> None:
+        if layer.dq is not None:
+            _set_const(layer.dq.inputs[0], graph, layer.notes.pop("q"))
+        else:
+            _set_const(layer.weight, graph, _from_rows(new[:, :-1], layer.kind, shape))
+        if has_bias:
+            _set_const(layer.bias, graph, new[:, -1])
