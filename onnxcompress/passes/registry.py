@@ -11,6 +11,7 @@ from onnxcompress.errors import RecipeError, did_you_mean
 from onnxcompress.passes.base import Pass
 from onnxcompress.passes.cleanup import CleanupPass, DedupeInitializersPass, FoldConstantsPass
 from onnxcompress.prune.channels import PruneChannelsPass
+from onnxcompress.prune.channels import PruneChannelsPass
 from onnxcompress.recipe import StepConfig
 
 __all__ = ["pass_classes", "step_config_class", "make_pass", "pass_names"]
