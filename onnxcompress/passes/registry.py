@@ -11,7 +11,6 @@ from onnxcompress.errors import RecipeError, did_you_mean
 from onnxcompress.passes.base import Pass
 from onnxcompress.passes.cleanup import CleanupPass, DedupeInitializersPass, FoldConstantsPass
 from onnxcompress.prune.channels import PruneChannelsPass
-from onnxcompress.prune.channels import PruneChannelsPass
 from onnxcompress.recipe import StepConfig
 
 __all__ = ["pass_classes", "step_config_class", "make_pass", "pass_names"]
@@ -47,3 +46,4 @@ def step_config_class(name: str) -> type[StepConfig]:
 
 
 def make_pass(step: StepConfig) -> Pass:
+    return _by_name(step.name)(step)
