@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from onnxcompress.passes.cleanup import CleanupConfig, DedupeConfig, FoldConstantsConfig
+from onnxcompress.quantize.int4 import QuantizeInt4Config
+from onnxcompress.quantize.embed import QuantizeEmbeddingConfig
+from onnxcompress.quantize.fp16 import ConvertFp16Config
 from onnxcompress.recipe import Recipe, StepConfig
 
 __all__ = ["Preset", "PRESETS", "lossless_steps", "preset_recipe", "default_recipe"]
@@ -33,7 +36,15 @@ class Preset:
 
 
 def _presets() -> tuple[Preset, ...]:
-    return ()
+    return (
+        Preset("int4", "--int4", "4-bit block-wise weights for MatMul/Gemm (MatMulNBits; GPTQ with --calib-data, "
+               "else per-block scale search) and 4-bit embedding tables",
+               lambda: [QuantizeInt4Config(), QuantizeEmbeddingConfig()]),
+        Preset("fp16", "--fp16", "compute in float16 where safe; inputs/outputs keep their types",
+               lambda: [ConvertFp16Config()]),
+        Preset("bf16", "--bf16", "bfloat16 where onnxruntime runs it (few CPU kernels: elsewhere float32 compute "
+               "with bfloat16 weights)", lambda: [ConvertFp16Config(dtype="bfloat16")]),
+    )
 
 
 PRESETS: tuple[Preset, ...] = _presets()

@@ -11,6 +11,9 @@ from onnxcompress.errors import RecipeError, did_you_mean
 from onnxcompress.passes.base import Pass
 from onnxcompress.passes.cleanup import CleanupPass, DedupeInitializersPass, FoldConstantsPass
 from onnxcompress.prune.channels import PruneChannelsPass
+from onnxcompress.quantize.int4 import QuantizeInt4Pass
+from onnxcompress.quantize.embed import QuantizeEmbeddingPass
+from onnxcompress.quantize.fp16 import ConvertFp16Pass
 from onnxcompress.recipe import StepConfig
 
 __all__ = ["pass_classes", "step_config_class", "make_pass", "pass_names"]
@@ -21,6 +24,9 @@ def _pass_classes() -> tuple[type[Pass], ...]:
         CleanupPass,
         DedupeInitializersPass,
         FoldConstantsPass,
+        QuantizeInt4Pass,
+        QuantizeEmbeddingPass,
+        ConvertFp16Pass,
         PruneChannelsPass,
     )
 
