@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from onnxcompress.passes.cleanup import CleanupConfig, DedupeConfig, FoldConstantsConfig
+from onnxcompress.fuse.lossless import FuseConfig
 from onnxcompress.quantize.int4 import QuantizeInt4Config
 from onnxcompress.quantize.embed import QuantizeEmbeddingConfig
 from onnxcompress.quantize.fp16 import ConvertFp16Config
@@ -22,7 +23,7 @@ __all__ = ["Preset", "PRESETS", "lossless_steps", "preset_recipe", "default_reci
 
 def lossless_steps() -> list[StepConfig]:
     """The lossless prefix of every preset."""
-    return [CleanupConfig(), DedupeConfig(), FoldConstantsConfig()]
+    return [CleanupConfig(), DedupeConfig(), FoldConstantsConfig(), FuseConfig()]
 
 
 @dataclass(frozen=True)

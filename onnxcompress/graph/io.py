@@ -395,11 +395,13 @@ def model_to_graph(src: ModelSource) -> gs.Graph:
                 if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) \
                         and not isinstance(t._values, ExternalValues) and _is_external(t._values.tensor):
                     t._values = ExternalValues(t._values.tensor, src.base_dir)
+                    t.data_location = None  # once loaded, the values are exported inline
             for node in g.nodes:
                 for v in node.attrs.values():
                     if isinstance(v, gs.Constant) and isinstance(v._values, LazyValues) \
                             and _is_external(v._values.tensor):
                         v._values = ExternalValues(v._values.tensor, src.base_dir)
+                        v.data_location = None
     return graph
 
 

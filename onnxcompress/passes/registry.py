@@ -10,6 +10,7 @@ from __future__ import annotations
 from onnxcompress.errors import RecipeError, did_you_mean
 from onnxcompress.passes.base import Pass
 from onnxcompress.passes.cleanup import CleanupPass, DedupeInitializersPass, FoldConstantsPass
+from onnxcompress.fuse.lossless import FusePass
 from onnxcompress.prune.channels import PruneChannelsPass
 from onnxcompress.quantize.int4 import QuantizeInt4Pass
 from onnxcompress.quantize.embed import QuantizeEmbeddingPass
@@ -24,6 +25,7 @@ def _pass_classes() -> tuple[type[Pass], ...]:
         CleanupPass,
         DedupeInitializersPass,
         FoldConstantsPass,
+        FusePass,
         QuantizeInt4Pass,
         QuantizeEmbeddingPass,
         ConvertFp16Pass,
