@@ -13,6 +13,8 @@ from typing import Callable
 
 from onnxcompress.passes.cleanup import CleanupConfig, DedupeConfig, FoldConstantsConfig
 from onnxcompress.fuse.lossless import FuseConfig
+from onnxcompress.encode.compact import CompactStorageConfig
+from onnxcompress.quantize.config import QuantizeInt8Config
 from onnxcompress.quantize.int4 import QuantizeInt4Config
 from onnxcompress.quantize.embed import QuantizeEmbeddingConfig
 from onnxcompress.quantize.fp16 import ConvertFp16Config
@@ -23,7 +25,7 @@ __all__ = ["Preset", "PRESETS", "lossless_steps", "preset_recipe", "default_reci
 
 def lossless_steps() -> list[StepConfig]:
     """The lossless prefix of every preset."""
-    return [CleanupConfig(), DedupeConfig(), FoldConstantsConfig(), FuseConfig()]
+    return [CleanupConfig(), DedupeConfig(), FoldConstantsConfig(), FuseConfig(), CompactStorageConfig()]
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class Preset:
 
 def _presets() -> tuple[Preset, ...]:
     return (
+        Preset("int8", "--int8", "int8 quantization: static QDQ with --calib-data, else dynamic MatMul/Gemm + int8 Conv "
+               "storage", lambda: [QuantizeInt8Config()]),
         Preset("int4", "--int4", "4-bit block-wise weights for MatMul/Gemm (MatMulNBits; GPTQ with --calib-data, "
                "else per-block scale search) and 4-bit embedding tables",
                lambda: [QuantizeInt4Config(), QuantizeEmbeddingConfig()]),

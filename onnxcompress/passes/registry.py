@@ -11,7 +11,14 @@ from onnxcompress.errors import RecipeError, did_you_mean
 from onnxcompress.passes.base import Pass
 from onnxcompress.passes.cleanup import CleanupPass, DedupeInitializersPass, FoldConstantsPass
 from onnxcompress.fuse.lossless import FusePass
+from onnxcompress.encode.compact import CompactStoragePass
+from onnxcompress.prune.sparsity import SparsifyPass
+from onnxcompress.quantize.static import QuantizeInt8Pass
+from onnxcompress.quantize.storage import StoragePass
 from onnxcompress.prune.channels import PruneChannelsPass
+from onnxcompress.transfer.reconstruct import DistillPass
+from onnxcompress.transfer.replay import ApplyPlanPass, WidthPass
+from onnxcompress.transfer.stages import CompressionStagesPass
 from onnxcompress.quantize.int4 import QuantizeInt4Pass
 from onnxcompress.quantize.embed import QuantizeEmbeddingPass
 from onnxcompress.quantize.fp16 import ConvertFp16Pass
@@ -25,11 +32,19 @@ def _pass_classes() -> tuple[type[Pass], ...]:
         CleanupPass,
         DedupeInitializersPass,
         FoldConstantsPass,
-        FusePass,
+        QuantizeInt8Pass,
+        StoragePass,
         QuantizeInt4Pass,
         QuantizeEmbeddingPass,
         ConvertFp16Pass,
+        FusePass,
+        SparsifyPass,
+        CompactStoragePass,
         PruneChannelsPass,
+        DistillPass,
+        ApplyPlanPass,
+        WidthPass,
+        CompressionStagesPass,
     )
 
 

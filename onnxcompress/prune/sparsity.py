@@ -335,7 +335,7 @@ class SparsifyPass(Pass):
                 out[id(layer)] = magnitude_mask(a, max(a.size - int(param), 0))
                 rules[layer.ref.name] = f"keep_top {int(param)}"
             else:
-                t = param * float(a.std()) if cfg.threshold_mode == "std" else param
+                t = param * float(layer.ref.values.astype(np.float64).std()) if cfg.threshold_mode == "std" else param
                 out[id(layer)] = a < t
                 rules[layer.ref.name] = f"threshold {t:.6g}"
         if pooled:
