@@ -25,7 +25,7 @@ from onnx import TensorProto
 from onnxcompress.graph.naming import Namer
 from onnxcompress.graph.query import const_value, is_constant, is_graph_io
 from onnxcompress.graph.rewrite import disconnect
-from onnxcompress.quantize.params import QType, quantize, weight_params
+from onnxcompress.quantize.params import QType, quantize, weight_params, contiguous
 
 __all__ = ["dynamic_check", "quantize_dynamic_node"]
 
@@ -78,7 +78,7 @@ def quantize_dynamic_node(node: gs.Node, graph: gs.Graph, namer: Namer, *, weigh
         return gs.Variable(namer.fresh(base, suffix), dtype=dt)
 
     def c(arr, suffix):
-        return gs.Constant(namer.fresh(base, suffix), np.ascontiguousarray(arr))
+        return gs.Constant(namer.fresh(base, suffix), contiguous(arr))
 
     xq, xs, xz = v("x_quantized", np.uint8), v("x_scale", np.float32), v("x_zero_point", np.uint8)
     acc, accf, scale = v("int32", np.int32), v("int32_float", np.float32), v("scale", np.float32)

@@ -41,6 +41,7 @@ __all__ = [
     "dequantize",
     "quantize_bias",
     "block_view",
+    "contiguous",
 ]
 
 #: smallest scale ever produced: a constant-zero tensor still gets a valid (positive) scale
@@ -197,3 +198,8 @@ def block_view(shape: tuple[int, ...], axis: int, block: int) -> tuple[tuple[int
     if pre % block:
         return None
     return (pre // block, block, c), (pre // block, 1, c)
+
+
+def contiguous(arr) -> np.ndarray:
+    """A C-contiguous copy-if-needed that keeps 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    return np.require(np.asarray(arr), requirements="C")

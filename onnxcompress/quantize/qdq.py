@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.graph.naming import Namer
 from onnxcompress.graph.rewrite import replace_input, replace_output
-from onnxcompress.quantize.params import QParams, quantize, quantize_bias
+from onnxcompress.quantize.params import QParams, quantize, quantize_bias, contiguous
 
 __all__ = ["QDQBuilder"]
 
@@ -40,8 +40,8 @@ class QDQBuilder:
         z = np.asarray(p.zero_point).astype(p.qt.dtype)
         if p.axis is None:
             s, z = s.reshape(()), z.reshape(())
-        return (gs.Constant(self.namer.fresh(base, "scale"), np.ascontiguousarray(s)),
-                gs.Constant(self.namer.fresh(base, "zero_point"), np.ascontiguousarray(z)))
+        return (gs.Constant(self.namer.fresh(base, "scale"), contiguous(s)),
+                gs.Constant(self.namer.fresh(base, "zero_point"), contiguous(z)))
 
     def _node(self, op: str, base: str, inputs, outputs, attrs=None) -> gs.Node:
         n = gs.Node(op, name=self.namer.fresh(base, op), inputs=list(inputs), outputs=list(outputs),
@@ -76,7 +76,7 @@ class QDQBuilder:
             return self._weights[key]
         q = quantize(values, p, restrict=True)
         s, z = self._params(p, base)
-        qc = gs.Constant(self.namer.fresh(base, "quantized"), np.ascontiguousarray(q))
+        qc = gs.Constant(self.namer.fresh(base, "quantized"), contiguous(q))
         y = gs.Variable(self.namer.fresh(base, "dequantized"), dtype=np.float32, shape=list(values.shape))
         attrs = {"axis": p.axis} if p.axis is not None else {}
         self._node("DequantizeLinear", base, [qc, s, z], [y], attrs)
@@ -86,9 +86,9 @@ class QDQBuilder:
     def bias(self, values: np.ndarray, x_scale: float, w_scale: np.ndarray, base: str) -> gs.Variable:
         q, s = quantize_bias(values, x_scale, w_scale)
         s = s.reshape(-1) if s.size > 1 else s.reshape(())
-        sc = gs.Constant(self.namer.fresh(base, "scale"), np.ascontiguousarray(s))
+        sc = gs.Constant(self.namer.fresh(base, "scale"), contiguous(s))
         zc = gs.Constant(self.namer.fresh(base, "zero_point"), np.zeros(s.shape, dtype=np.int32))
-        qc = gs.Constant(self.namer.fresh(base, "quantized"), np.ascontiguousarray(q))
+        qc = gs.Constant(self.namer.fresh(base, "quantized"), contiguous(q))
         y = gs.Variable(self.namer.fresh(base, "dequantized"), dtype=np.float32, shape=list(values.shape))
         self._node("DequantizeLinear", base, [qc, sc, zc], [y], {"axis": 0} if s.ndim else {})
         return y

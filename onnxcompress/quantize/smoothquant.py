@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.graph.naming import Namer
 from onnxcompress.graph.query import const_value, consumers, is_constant, is_graph_io
 from onnxcompress.graph.rewrite import replace_input
+from onnxcompress.quantize.params import contiguous
 
 __all__ = ["smooth_candidates", "smooth_check", "apply_smoothing"]
 
@@ -79,6 +80,6 @@ def apply_smoothing(ln: gs.Node, graph: gs.Graph, namer: Namer, chan_absmax: np.
     for r, w, t in mats:
         w2 = w * s[:, None]
         wname = r.inputs[1].name
-        replace_input(r, r.inputs[1], gs.Constant(namer.fresh(wname, "smoothed"), np.ascontiguousarray(w2.T if t else w2)))
+        replace_input(r, r.inputs[1], gs.Constant(namer.fresh(wname, "smoothed"), contiguous(w2.T if t else w2)))
     return {"norm": base, "alpha": alpha, "readers": [r.name for r, _, _ in mats],
             "scale_min": float(s.min()), "scale_max": float(s.max())}

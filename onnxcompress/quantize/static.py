@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -123,7 +124,8 @@ class QuantizeInt8Pass(Pass):
         res = PassResult()
         has_data = ctx is not None and getattr(ctx, "data", None) is not None
         mode = cfg.mode if cfg.mode != "auto" else ("static" if has_data else "dynamic")
-        if mode == "static" and not has_data:
+        cached = bool(cfg.calib_cache) and Path(cfg.calib_cache).is_file()
+        if mode == "static" and not has_data and not cached:
             raise CalibrationError("static int8 needs calibration data", where="quantize_int8",
                                    hint="pass --calib-data calib.npz (or data= in the API), or use --int8-mode dynamic")
         plan = Plan(mode, cfg.calib_method if mode == "static" else "")
@@ -395,6 +397,10 @@ class QuantizeInt8Pass(Pass):
         if ranges is not None:
             plan.notes.append(f"ranges from the calibration cache {cfg.calib_cache}")
             return ranges, "cache"
+        if ctx is None or getattr(ctx, "data", None) is None:
+            raise CalibrationError(f"the calibration cache {cfg.calib_cache} does not cover this model's tensors "
+                                   "and no calibration data was given", where="quantize_int8",
+                                   hint="pass --calib-data to recalibrate")
         model = ctx.model_of(graph)
         feeds = ctx.feeds(model)
         stats = collect_stats(model, needed, feeds, num_bins=cfg.num_bins, max_batches=cfg.max_calib_batches,

@@ -38,7 +38,7 @@ from onnxcompress.graph.query import WeightRef, is_graph_io, iter_weights
 from onnxcompress.graph.rewrite import replace_all_uses
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.quantize.config import StorageConfig
-from onnxcompress.quantize.params import block_view
+from onnxcompress.quantize.params import block_view, contiguous
 
 __all__ = ["StoragePass", "EncodedWeight", "encode_weight", "weight_axis", "WEIGHT_SLOTS", "encode_values"]
 
@@ -102,7 +102,7 @@ def encode_weight(graph: gs.Graph, namer: Namer, values: np.ndarray, *, base: st
     nodes: list[gs.Node] = []
 
     def const(arr, suffix):
-        return gs.Constant(namer.fresh(base, suffix), np.ascontiguousarray(arr))
+        return gs.Constant(namer.fresh(base, suffix), contiguous(arr))
 
     def var(suffix, dt=np.float32):
         return gs.Variable(namer.fresh(base, suffix), dtype=dt)
