@@ -14,9 +14,10 @@ The rule (weight-only, per block of ``bs`` consecutive input features k of one o
 exactly onto −8, the code with the larger reach), q = clip(round(W / s) + 8, 0, 15).
 
 **Rounding.** ``rtn`` is r = 1 (onnxruntime's ``MatMulNBitsQuantizer`` default). ``search`` tries
-``search_grid`` clipping ratios r ∈ [search_min_ratio, 1] per block and keeps the one that minimizes
-the reconstruction error Σ_k h_k (W − Ŵ)² — r = 1 is always among them, so the error is never worse
-than RTN. h_k is 1, or, with calibration data, the mean square of input feature k (the diagonal of
+``search_grid`` clipping ratios r ∈ [search_min_ratio, 1] per block, each also with one weighted
+least-squares refit of (s, z) to its codes (s' = argmin Σ h (w − s'(q − z'))²), and keeps the
+candidate that minimizes the reconstruction error Σ_k h_k (W − Ŵ)² — r = 1 is always among them, so
+the error is never worse than RTN. h_k is 1, or, with calibration data, the mean square of input feature k (the diagonal of
 the Hessian, activation-aware). ``gptq`` (with calibration data, :mod:`onnxcompress.quantize.gptq`)
 quantizes column by column and feeds each column's error back into the columns not yet quantized,
 using H = 2XᵀX of the layer's streamed input activations. ``auto`` is gptq with data, search without.
@@ -131,29 +132,51 @@ def _codes(wb: np.ndarray, s: np.ndarray, z: np.ndarray, bits: int = 4) -> np.nd
     return np.clip(np.round(wb / s[..., None]) + z[..., None], 0, 2**bits - 1)
 
 
+def _refit(wb: np.ndarray, s: np.ndarray, z: np.ndarray, imp: np.ndarray, symmetric: bool,
+           bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """One least-squares refit of (scale, zero) to the codes of (s, z): w ≈ s'·(q − z')."""
+    q = _codes(wb, s, z, bits)
+    tot = imp.sum(axis=-1)
+    tot = np.where(tot > 0, tot, 1.0)
+    if not symmetric:
+        qm = (imp * q).sum(-1) / tot
+        wm = (imp * wb).sum(-1) / tot
+        var = (imp * (q - qm[..., None]) ** 2).sum(-1)
+        a = (imp * (q - qm[..., None]) * (wb - wm[..., None])).sum(-1) / np.where(var > 0, var, 1.0)
+        ok = (var > 0) & (a > 0)
+        z = np.where(ok, np.clip(np.round(qm - wm / np.where(ok, a, 1.0)), 0, 2**bits - 1), z)
+    c = q - z[..., None]
+    den = (imp * c * c).sum(-1)
+    s2 = (imp * c * wb).sum(-1) / np.where(den > 0, den, 1.0)
+    s2 = np.where((den > 0) & (s2 * s > 0), s2, s)
+    return s2, z
+
+
 def choose_block_params(wb: np.ndarray, *, symmetric: bool, grid: int, min_ratio: float,
                         importance: np.ndarray | None = None, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Per-block (scale, zero) minimizing Σ importance·(w − ŵ)² over the clipping ratios tried.
+    """Per-block (scale, zero) minimizing Σ importance·(w − ŵ)² over the candidates tried.
 
-    ``wb`` [..., bs]; ``importance`` broadcastable to ``wb`` (None: uniform). The first ratio is 1.0
-    (plain round-to-nearest), so the result is never worse than RTN.
+    ``wb`` [..., bs]; ``importance`` broadcastable to ``wb`` (None: uniform). Candidates: for each
+    clipping ratio, the min–max parameters and one least-squares refit of them to their codes. The
+    first candidate is ratio 1.0 (plain round-to-nearest), so the result is never worse than RTN.
+    ``grid`` = 1 is exactly RTN (no refit).
     """
     wb = np.asarray(wb, dtype=np.float64)
+    imp = np.broadcast_to(np.ones(1) if importance is None else importance, wb.shape)
     ratios = np.linspace(1.0, min_ratio, grid) if grid > 1 else np.array([1.0])
     best_s = best_z = best_err = None
     for r in ratios:
-        s, z = _params(wb, float(r), symmetric, bits)
-        err = (wb - (_codes(wb, s, z, bits) - z[..., None]) * s[..., None]) ** 2
-        if importance is not None:
-            err = err * importance
-        err = err.sum(axis=-1)
-        if best_err is None:
-            best_s, best_z, best_err = s, z, err
-            continue
-        better = err < best_err
-        best_s = np.where(better, s, best_s)
-        best_z = np.where(better, z, best_z)
-        best_err = np.where(better, err, best_err)
+        s0, z0 = _params(wb, float(r), symmetric, bits)
+        cands = [(s0, z0)] if grid == 1 else [(s0, z0), _refit(wb, s0, z0, imp, symmetric, bits)]
+        for s, z in cands:
+            err = (imp * (wb - (_codes(wb, s, z, bits) - z[..., None]) * s[..., None]) ** 2).sum(axis=-1)
+            if best_err is None:
+                best_s, best_z, best_err = s, z, err
+                continue
+            better = err < best_err
+            best_s = np.where(better, s, best_s)
+            best_z = np.where(better, z, best_z)
+            best_err = np.where(better, err, best_err)
     return best_s, best_z
 
 

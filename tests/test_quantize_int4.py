@@ -1,0 +1,278 @@
+"""quantize_int4: structure (MatMulNBits / blocked DequantizeLinear), numbers (exact against the numpy
+dequantized weights; step-aware bound against fp32; search and GPTQ never worse than RTN where they
+claim it) and declines (shared weights, non-constant B, Gemm forms it cannot take, opset)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import builders
+from lowbit_helpers import apply_pass, cuda_available, op_counts, run1, skip_reasons
+from onnxcompress.quantize.gptq import gptq_quantize
+from onnxcompress.quantize.int4 import QuantizeInt4Config, QuantizeInt4Pass, quantize_blocks
+
+MS_NBITS = "com.microsoft::MatMulNBits"
+
+
+def _x(n: int, k: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+
+
+def _lossless(ref, out) -> bool:
+    return builders.lossless_close(ref, out, atol=1e-5, rtol=1e-4)
+
+
+def _mlp_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _numpy_mlp(x, weights, deq):
+    """The builders.mlp forward pass in numpy with the given (dequantized) weights."""
+    h = x
+    i = 0
+    while f"W{i}" in weights:
+        h = h @ deq(weights[f"W{i}"]) + weights[f"B{i}"]
+        if f"W{i + 1}" in weights:
+            h = np.maximum(h, 0)
+        i += 1
+    return h
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("fmt,opset", [("matmulnbits", 17), ("qdq", 21)])
+def test_structure_and_exact_dequantized_numbers(fmt, opset, symmetric):
+    # K = 72 is not a multiple of the block: padding must decode to 0
+    m = builders.mlp((72, 48, 10), opset=opset)
+    cfg = QuantizeInt4Config(format=fmt, method="rtn", symmetric=symmetric, accuracy_level=0, min_elements=0)
+    out, res = apply_pass(m, QuantizeInt4Pass(cfg))
+    ops = op_counts(out)
+    if fmt == "matmulnbits":
+        assert ops[MS_NBITS] == 2 and ops["MatMul"] == 0
+        packed = [t for t in out.graph.initializer if t.data_type == TensorProto.UINT8 and len(t.dims) == 3]
+        assert sorted(tuple(t.dims) for t in packed) == [(10, 2, 16), (48, 3, 16)]  # [N, K/bs, bs/2]
+    else:
+        assert ops["DequantizeLinear"] == 2 and ops["MatMul"] == 2
+        want = TensorProto.INT4 if symmetric else TensorProto.UINT4
+        assert sum(t.data_type == want for t in out.graph.initializer) == (2 if symmetric else 4)
+    assert len(res.details["layers"]) == 2 and not res.skipped
+    x = _x(16, 72)
+    w = _mlp_weights(m)
+    expect = _numpy_mlp(x, w, lambda W: quantize_blocks(W.T, 32, symmetric=symmetric).dequant().T)
+    assert _lossless(expect, run1(out, {"x": x}, optimize=False))
+    got = run1(out, {"x": x}, optimize=True)
+    if fmt == "matmulnbits":
+        assert _lossless(expect, got)
+    else:  # onnxruntime rewrites DequantizeLinear -> MatMul into MatMulNBits with int8 activations
+        assert float(np.sum(expect * got) / np.linalg.norm(expect) / np.linalg.norm(got)) > 0.999
+
+
+def test_error_within_the_quantization_step_bound():
+    """|y - y_fp32| <= |x| @ |W - Ŵ| (one layer, no activation): a bound from the weight steps."""
+    m = builders.mlp((128, 64))
+    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method="search", accuracy_level=0)))
+    x = _x(32, 128, seed=3)
+    w = _mlp_weights(m)["W0"]
+    w_hat = quantize_blocks(w.T, 32, grid=24, min_ratio=0.55).dequant().T
+    ref = builders.run(m, {"x": x})[0]
+    got = run1(out, {"x": x})
+    bound = np.abs(x) @ np.abs(w - w_hat) + 1e-4
+    assert np.all(np.abs(got - ref) <= bound)
+    assert np.abs(got - ref).max() > 0  # it is lossy: the test can fail the other way too
+    # relative weight error of 4-bit asymmetric blocks of 32 Gaussian values: about 0.08
+    assert 0.01 < res.details["layers"][0]["rel_error"] < 0.12
+
+
+def test_accuracy_level_4_stays_close_to_level_0():
+    m = builders.mlp((128, 96, 10))
+    x = _x(64, 128, seed=5)
+    y0 = run1(apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method="rtn", accuracy_level=0)))[0], {"x": x})
+    y4 = run1(apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method="rtn", accuracy_level=4)))[0], {"x": x})
+    cos = float(np.sum(y0 * y4) / np.linalg.norm(y0) / np.linalg.norm(y4))
+    assert cos > 0.999  # int8 activations inside the kernel: ~1-4% of the output std
+    assert np.argmax(y0, 1).tolist() != [] and np.mean(np.argmax(y0, 1) == np.argmax(y4, 1)) > 0.9
+
+
+def test_search_never_worse_than_rtn_per_layer():
+    rng = np.random.default_rng(7)
+    w = (rng.standard_t(3, size=(256, 64)) * 0.05).astype(np.float32)  # heavy tails: clipping pays
+    rtn = quantize_blocks(w, 32)
+    srch = quantize_blocks(w, 32, grid=24, min_ratio=0.55)
+    e_rtn = np.sum((rtn.dequant() - w) ** 2, axis=1)
+    e_srch = np.sum((srch.dequant() - w) ** 2, axis=1)
+    assert np.all(e_srch <= e_rtn + 1e-12)
+    assert e_srch.sum() < 0.97 * e_rtn.sum()  # measured: 0.95 (t3), 0.93 (Gaussian)
+
+
+def test_gptq_beats_rtn_on_held_out_outputs():
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((64, 64))
+    mean = rng.standard_normal(64) * 2
+    calib = rng.standard_normal((1024, 64)) @ mix * 0.3 + mean
+    test = rng.standard_normal((1000, 64)) @ mix * 0.3 + mean
+    w = rng.standard_normal((64, 96)) / 8
+    h = 2 * calib.T @ calib / len(calib)
+
+    def out_mse(bq):
+        return float(np.mean((test @ (w - bq.dequant().T)) ** 2))
+
+    assert out_mse(gptq_quantize(w.T, h, 32)) < 0.7 * out_mse(quantize_blocks(w.T, 32))
+
+
+def test_gptq_through_the_pass_with_calibration_feeds():
+    m = builders.mlp((64, 96, 10))
+    rng = np.random.default_rng(2)
+    mix = rng.standard_normal((64, 64)).astype(np.float32) * 0.3
+    calib = [{"x": (rng.standard_normal((128, 64)).astype(np.float32) @ mix)} for _ in range(4)]
+    test = {"x": rng.standard_normal((512, 64)).astype(np.float32) @ mix}
+    ref = builders.run(m, test)[0]
+    mse = {}
+    for method in ("rtn", "gptq"):
+        out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method=method, accuracy_level=0)), data=calib)
+        assert {layer["method"] for layer in res.details["layers"]} == {method}
+        mse[method] = float(np.mean((run1(out, test) - ref) ** 2))
+    assert mse["gptq"] < 0.8 * mse["rtn"]
+
+
+def _gemm_model(*, trans_b: int, alpha: float, beta: float, bias_shape, trans_a: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(4)
+    k, n = 64, 40
+    w = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32) * 0.2
+    inits = [numpy_helper.from_array(w, "W")]
+    inputs = ["x", "W"]
+    if bias_shape is not None:
+        inits.append(numpy_helper.from_array(rng.standard_normal(bias_shape).astype(np.float32), "C"))
+        inputs.append("C")
+    node = helper.make_node("Gemm", inputs, ["y"], name="gemm", transA=trans_a, transB=trans_b, alpha=alpha, beta=beta)
+    xshape = [k, 8] if trans_a else [8, k]
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, xshape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, n])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("trans_b,alpha,beta,bias_shape", [(1, 1.0, 1.0, (40,)), (0, 0.5, 2.0, (1, 40)),
+                                                          (1, 2.0, 1.0, None), (0, 1.0, 0.5, (1,))])
+def test_gemm_forms_fold_into_matmulnbits(trans_b, alpha, beta, bias_shape):
+    m = _gemm_model(trans_b=trans_b, alpha=alpha, beta=beta, bias_shape=bias_shape)
+    cfg = QuantizeInt4Config(method="rtn", accuracy_level=0, symmetric=bias_shape == (1,))
+    out, res = apply_pass(m, QuantizeInt4Pass(cfg))
+    assert op_counts(out) == {MS_NBITS: 1}
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    w = inits["W"].T if trans_b else inits["W"]
+    w_hat = quantize_blocks((alpha * w).T, 32, symmetric=cfg.symmetric).dequant().T
+    x = _x(8, 64)
+    expect = x @ w_hat + (beta * inits["C"].reshape(-1) if bias_shape is not None else 0)
+    assert _lossless(expect, run1(out, {"x": x}))
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    (dict(trans_b=0, alpha=1.0, beta=1.0, bias_shape=(8, 40)), "not a vector"),
+    (dict(trans_b=0, alpha=1.0, beta=1.0, bias_shape=None, trans_a=1), "transA"),
+])
+def test_gemm_declines(kwargs, reason):
+    m = _gemm_model(**kwargs)
+    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config()))
+    assert op_counts(out) == {"Gemm": 1}
+    assert any(reason in r for r in skip_reasons(res))
+
+
+def test_declines_shared_with_other_op_nonconstant_graph_output_and_small():
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W")
+    tiny = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "T")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="mm_shared"),
+             helper.make_node("Add", ["a", "W"], ["b"], name="add_reads_W"),
+             helper.make_node("MatMul", ["b", "x2"], ["c"], name="mm_dynamic"),
+             helper.make_node("Slice", ["c", "st", "en", "ax"], ["c4"], name="slice"),
+             helper.make_node("MatMul", ["c4", "T"], ["y"], name="mm_tiny")]
+    inits = [w, tiny, numpy_helper.from_array(np.array([0], np.int64), "st"),
+             numpy_helper.from_array(np.array([4], np.int64), "en"), numpy_helper.from_array(np.array([1], np.int64), "ax")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64]),
+                                       helper.make_tensor_value_info("x2", TensorProto.FLOAT, [64, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(min_elements=64)))
+    assert op_counts(out)["MatMul"] == 3 and MS_NBITS not in op_counts(out)
+    by_node = {s.node: s.reason for s in res.skipped}
+    assert "also read by Add" in by_node["mm_shared"]
+    assert "not a constant" in by_node["mm_dynamic"]
+    assert "min_elements" in by_node["mm_tiny"]
+    assert not res.modified
+
+
+def test_weight_shared_by_two_matmuls_is_quantized_once():
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 0.1, "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="mm1"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method="rtn", accuracy_level=0)))
+    assert op_counts(out)[MS_NBITS] == 2
+    assert sum(t.data_type == TensorProto.UINT8 and len(t.dims) == 3 for t in out.graph.initializer) == 1
+    assert [layer["method"] for layer in res.details["layers"]] == ["rtn", "shared"]
+
+
+def test_excluded_by_name_and_qdq_below_opset_21():
+    m = builders.mlp((64, 64, 10))
+    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(exclude=("MatMul_1",), min_elements=0)))
+    assert op_counts(out)[MS_NBITS] == 1 and op_counts(out)["MatMul"] == 1
+    assert "excluded by name" in skip_reasons(res)
+    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(format="qdq", min_elements=0)))
+    assert "DequantizeLinear" not in op_counts(out)
+    assert all("opset >= 21" in r for r in skip_reasons(res))
+
+
+@pytest.mark.parametrize("variant", ["constant_nodes", "if_subgraph"])
+def test_constant_node_and_if_subgraph_weights(variant):
+    base = builders.mlp((64, 96, 10))
+    m = builders.with_constant_nodes(base) if variant == "constant_nodes" else builders.with_if_subgraph(base)
+    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method="rtn", accuracy_level=0)))
+    ops = op_counts(out)
+    n_expect = 2 if variant == "constant_nodes" else 4  # both If branches hold a copy
+    assert ops[MS_NBITS] == n_expect and ops["MatMul"] == 0
+    if variant == "if_subgraph":
+        assert op_counts(out, subgraphs=False) == {"If": 1}
+    x = _x(16, 64)
+    expect = _numpy_mlp(x, _mlp_weights(base), lambda W: quantize_blocks(W.T, 32).dequant().T)
+    assert _lossless(expect, run1(out, {"x": x}))
+
+
+def test_digits_mlp_accuracy_not_below_onnxruntime_rtn(tmp_path):
+    datasets = pytest.importorskip("onnxcompress.datasets")
+    try:
+        path = datasets.bundled_model_path("mlp")
+    except Exception as e:  # the bundled models are built by another step
+        pytest.skip(f"bundled digits MLP not available: {e}")
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    fp32 = onnx.load(path)
+    ours, _ = apply_pass(fp32, QuantizeInt4Pass(QuantizeInt4Config(accuracy_level=0)))
+    q = MatMulNBitsQuantizer(onnx.load(path), block_size=32, is_symmetric=False, accuracy_level=0)
+    q.process()
+    theirs = q.model.model
+    acc = {k: datasets.digits_accuracy(v) for k, v in (("fp32", fp32), ("ours", ours), ("rtn", theirs))}
+    assert acc["ours"] >= acc["rtn"] - 0.005
+    assert acc["ours"] >= acc["fp32"] - 0.02
+
+
+def test_cuda_provider_runs_matmulnbits():
+    if not cuda_available():
+        pytest.skip("onnxruntime-gpu with the CUDA execution provider is not installed on this machine")
+    import onnxruntime as ort
+
+    m = builders.mlp((64, 64, 10))
+    out, _ = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method="rtn")))
+    x = _x(8, 64)
+    sess = ort.InferenceSession(out.SerializeToString(), providers=["CUDAExecutionProvider"])
+    y = sess.run(None, {"x": x})[0]
+    ref = run1(out, {"x": x})
+    assert float(np.sum(y * ref) / np.linalg.norm(y) / np.linalg.norm(ref)) > 0.999
