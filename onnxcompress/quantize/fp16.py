@@ -257,7 +257,7 @@ class ConvertFp16Pass(Pass):
         if n_half or st.n_weights:
             res.changed(f"{n_half} nodes compute in {cfg.dtype}; {st.n_weights} weights stored in {cfg.dtype}; "
                         f"{st.n_casts} Casts inserted; {retargeted} Casts retargeted")
-        res.details = {"dtype": cfg.dtype, "compute": cfg.compute, "half_nodes": n_half, "nodes": total,
+        res.details = {**res.details, "dtype": cfg.dtype, "compute": cfg.compute, "half_nodes": n_half, "nodes": total,
                        "kept_float_by_op": kept, "weights_converted": st.n_weights, "casts_inserted": st.n_casts,
                        "casts_retargeted": retargeted, "values_flushed_to_zero": st.flushed,
                        "hot_tensors": sorted(hot)[:50]}
