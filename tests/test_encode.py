@@ -315,3 +315,64 @@ def test_forms_restrict_the_choice():
     assert {v["encoding"] for v in res.details["tensors"].values()} == {"bitmask+raw"}
     _, (res,) = apply_passes(ref, CompactStoragePass(CompactStorageConfig(forms=("codebook",))))
     assert {v["encoding"] for v in res.details["tensors"].values()} <= {"codebook4", "codebook8"}
+
+
+def test_qdq_weight_is_encoded_and_onnxruntime_still_fuses_it():
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (256, 256)).astype(np.int8)
+    q[rng.random(q.shape) < 0.9] = 0
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["q", "ws"], ["w"]), helper.make_node("MatMul", ["xd", "w"], ["y0"]),
+             helper.make_node("QuantizeLinear", ["y0", "ys", "yz"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "xs"), numpy_helper.from_array(np.array(0, np.uint8), "xz"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "ys"), numpy_helper.from_array(np.array(0, np.uint8), "yz")]
+    g = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 256])], inits)
+    ref = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    ref.ir_version = 10
+    out, (res,) = apply_passes(ref, CompactStoragePass())
+    assert res.details["tensors"]["q"]["encoding"] != "dense"
+    assert "QLinearMatMul" in optimized_ops(ref)
+    assert optimized_ops(out) == optimized_ops(ref)
+    assert_bit_identical(ref, out, {"x": rng.random((4, 256), dtype=np.float32)})
+
+
+def test_declines_weights_of_custom_domain_ops():
+    k, n, bs = 64, 32, 32
+    packed = np.zeros((n, k // bs, bs // 2), np.uint8)
+    packed[:, :, :2] = 0x99
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], name="mmnb", domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=bs)
+    g = helper.make_graph([node], "nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+                          [numpy_helper.from_array(packed, "B"),
+                           numpy_helper.from_array(np.full(n * k // bs, 0.1, np.float32), "scales")])
+    ref = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    ref.ir_version = 10
+    out, (res,) = apply_passes(ref, CompactStoragePass())
+    assert not res.modified and res.skipped[0].node == "B" and "com.microsoft::MatMulNBits" in res.skipped[0].reason
+    assert np.array_equal(b.run(out, feed(ref), optimize=True)[0], b.run(ref, feed(ref), optimize=True)[0])
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_after_the_storage_pass_the_integer_codes_are_stored_sparsely(bits):
+    """sparsify -> storage (Cast -> Mul decode chains) -> compact_storage: smaller again, same outputs."""
+    from onnxcompress.prune.sparsity import SparsifyConfig, SparsifyPass
+    from onnxcompress.quantize.config import StorageConfig
+    from onnxcompress.quantize.storage import StoragePass
+
+    base = b.mlp((64, 300, 100), seed=0, opset=18)
+    stored, results = apply_passes(base, SparsifyPass(SparsifyConfig(ratio=0.9)), StoragePass(StorageConfig(bits=bits)))
+    assert results[1].modified
+    out, (res,) = apply_passes(stored, CompactStoragePass())
+    onnx.checker.check_model(out)
+    encoded = {k: v for k, v in res.details["tensors"].items() if v["encoding"] != "dense"}
+    assert len(encoded) == 2, res.details["tensors"]
+    for row in encoded.values():
+        assert row["dtype"] in ("int8", "uint8") and row["encoded_bytes"] < 0.6 * row["dense_bytes"], row
+    assert weight_bytes(out) < 0.6 * weight_bytes(stored)
+    assert_bit_identical(stored, out, feed(base))
+    assert "ScatterElements" not in optimized_ops(out) and "Gather" not in optimized_ops(out)

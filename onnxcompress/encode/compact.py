@@ -19,14 +19,17 @@ gaps(g) + codebook  ``ceil(L·g/8) + K·s + ceil(L·b/8)``
 The smallest wins when, with ``node_bytes`` per decode node added, it saves at least
 ``min_saving`` of the dense bytes; otherwise the weight stays dense. Integer weights are encoded the
 same way, so the int8/int4 tensor that feeds a ``Cast -> Mul`` storage chain is re-encoded sparsely
-and the chain stays in place.
+and the chain stays in place. The holes need not be zeros: the most frequent value is used when it is
+more frequent than zero (the int4 storage form's byte ``0x88`` for two pruned codes).
 
 The decode (``... -> Reshape [-> Cast back to int4/uint4]``) is written into the graph that holds
 the weight (If/Loop bodies included); its output takes the weight's name, so consumers and
 reports keep seeing the same tensor. Before anything is written, the numpy mirror of the decode is
 compared bit for bit with the original (a mismatch is a bug: PassError). Weights that are graph
-outputs, of a dtype with no encoding, or in a model below opset 11 (BitShift, CumSum) stay as they
-are, each reported as a Skip. ``res.details["tensors"]`` has the bytes per tensor (``{name: {...}}``, the plan format).
+outputs, weights read by custom-domain ops (``com.microsoft::MatMulNBits`` and the like prepack
+initializers), of a dtype with no encoding, or in a model below opset 11 (BitShift, CumSum) stay as
+they are, each reported as a Skip. QDQ weights (``DequantizeLinear`` inputs) are encoded: the decode
+folds before onnxruntime's QDQ fusions run, so QLinearMatMul/QLinearConv still form. ``res.details["tensors"]`` has the bytes per tensor (``{name: {...}}``, the plan format).
 
 onnxruntime constant-folds every decode op at session creation (ORT_ENABLE_BASIC and above), so the
 optimized graph, numerics and latency are those of the dense model; only with
@@ -44,7 +47,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.encode.codebook import CodebookValues, RawValues, WorkArray, bit_keys, codebook_values, work_array
 from onnxcompress.encode.decoder import DecodeBuilder
 from onnxcompress.encode.packing import MIN_OPSET
-from onnxcompress.encode.sparse import BitmaskLayout, FullLayout, GapLayout, gap_layout, nonzero_mask
+from onnxcompress.encode.sparse import BitmaskLayout, FullLayout, GapLayout, background, gap_layout, nonzero_mask
 from onnxcompress.errors import PassError
 from onnxcompress.graph.naming import Namer
 from onnxcompress.graph.query import WeightRef, is_graph_io, iter_weights
@@ -121,12 +124,13 @@ class Encoding:
 def _candidates(work: WorkArray, cfg: CompactStorageConfig, rng: np.random.Generator) -> list[Encoding]:
     flat = work.flat
     layouts: list[Layout] = [FullLayout(flat.size)]
-    mask = nonzero_mask(flat)
+    fill = background(flat, rng)
+    mask = nonzero_mask(flat, fill)
     if not mask.all():
         if "bitmask" in cfg.forms:
-            layouts.append(BitmaskLayout(mask))
+            layouts.append(BitmaskLayout(mask, fill))
         if "gaps" in cfg.forms and mask.any():
-            layouts += [gap_layout(mask, g) for g in sorted(set(cfg.gap_bits))]
+            layouts += [gap_layout(mask, g, fill) for g in sorted(set(cfg.gap_bits))]
     out = []
     for layout in layouts:
         entries = layout.entries(flat)
@@ -204,6 +208,10 @@ class CompactStoragePass(Pass):
         """Why this weight may not be re-encoded, or None."""
         if is_graph_io(ref.tensor, ref.graph):
             return "the weight is a graph output; its name and storage are part of the model's interface"
+        custom = next((c for c in ref.consumers if (c.domain or "") not in ("", "ai.onnx")), None)
+        if custom is not None:
+            return (f"read by {custom.domain}::{custom.op} ({custom.name}), a custom kernel that may need the weight "
+                    "as an initializer when the session is built")
         return None
 
     @staticmethod

@@ -10,13 +10,16 @@
 
 * :class:`GapLayout` (Deep Compression's relative indices): the nonzero positions ``p_0 < p_1 < ...``
   are stored as gaps ``d_j = p_j - p_{j-1}`` (``p_{-1} = -1``, so ``d_j >= 1``) in ``b`` bits each as
-  ``d_j - 1``. A gap longer than ``2**b`` is bridged with filler entries (value 0, gap ``2**b``), so
+  ``d_j - 1``. A gap longer than ``2**b`` is bridged with filler entries (value ``f``, gap ``2**b``), so
   ``L = nnz + sum_j floor((d_j - 1) / 2**b)``. ``ceil(L · b / 8)`` bytes. Decode::
 
       pos = CumSum(Cast(g) + 1) - 1
       x   = ScatterElements(Expand(0, [n]), pos, e, axis=0)
 
-"Nonzero" means "not all-zero bits": ``-0.0`` is stored as a value, so the decode is bit-exact.
+The hole value ``f`` (``fill``) is 0 for pruned weights; "nonzero" means "bits differ from ``f``", so
+``-0.0`` is stored as a value and the decode is bit-exact. ``f`` may be any value (the most frequent
+one): the int4 storage form packs two codes per byte with an offset, so a pruned pair is the byte
+``0x88``, not ``0x00``; everything above holds with ``0`` read as ``f``.
 Every numpy ``decode`` here mirrors the ONNX ops the layout emits; the pass checks it before writing.
 """
 
@@ -31,11 +34,29 @@ from onnxcompress.encode.codebook import bit_keys
 from onnxcompress.encode.decoder import DecodeBuilder, stream_nodes
 from onnxcompress.encode.packing import packed_nbytes
 
-__all__ = ["FullLayout", "BitmaskLayout", "GapLayout", "gap_layout", "nonzero_mask"]
+__all__ = ["FullLayout", "BitmaskLayout", "GapLayout", "gap_layout", "nonzero_mask", "background"]
 
 
-def nonzero_mask(flat: np.ndarray) -> np.ndarray:
-    return bit_keys(flat) != 0
+def nonzero_mask(flat: np.ndarray, fill: np.ndarray | None = None) -> np.ndarray:
+    """True where ``flat`` differs bitwise from ``fill`` (default: zero)."""
+    if fill is None:
+        return bit_keys(flat) != 0
+    return bit_keys(flat) != bit_keys(fill.astype(flat.dtype).reshape(1))[0]
+
+
+def background(flat: np.ndarray, rng: np.random.Generator, probe: int = 4096) -> np.ndarray:
+    """The hole value: zero, unless a random probe finds another value more frequent (then that one)."""
+    keys = bit_keys(flat)
+    sample = keys if keys.size <= probe else keys[rng.integers(0, keys.size, probe)]
+    vals, counts = np.unique(sample, return_counts=True)
+    zero = np.zeros(1, flat.dtype)
+    if vals.size == 0:
+        return zero
+    top = int(np.argmax(counts))
+    zero_count = int(counts[vals == 0].sum())
+    if vals[top] == 0 or counts[top] <= zero_count:
+        return zero
+    return flat[np.flatnonzero(keys == vals[top])[:1]].copy()
 
 
 @dataclass(frozen=True)
@@ -60,7 +81,8 @@ class FullLayout:
 
 @dataclass(frozen=True)
 class BitmaskLayout:
-    mask: np.ndarray  # bool [n]
+    mask: np.ndarray  # bool [n]: True where an entry is stored
+    fill: np.ndarray  # [1], the value of the holes
 
     label = "bitmask"
 
@@ -77,13 +99,13 @@ class BitmaskLayout:
     def decode(self, entries: np.ndarray) -> np.ndarray:
         m = self.mask.astype(np.int64)
         pos = np.cumsum(m) * m
-        return np.concatenate([np.zeros(1, entries.dtype), entries])[pos]
+        return np.concatenate([self.fill.astype(entries.dtype), entries])[pos]
 
     def emit(self, b: DecodeBuilder, values: gs.Tensor, dtype: np.dtype) -> gs.Tensor:
         bits = b.uint_stream(self.mask.astype(np.uint8), 1, "mask")
         ranks = b.op("CumSum", [bits, b.i64(0, "axis")], "ranks")
         pos = b.op("Mul", [ranks, bits], "positions")
-        padded = b.op("Concat", [b.const(np.zeros(1, dtype), "zero"), values], "padded", axis=0)
+        padded = b.op("Concat", [b.const(self.fill.astype(dtype), "fill"), values], "padded", axis=0)
         return b.op("Gather", [padded, pos], "scattered", axis=0)
 
 
@@ -92,6 +114,7 @@ class GapLayout:
     n: int
     bits: int
     gaps: np.ndarray  # uint8 [L]: gap - 1 per entry
+    fill: np.ndarray  # [1], the value of the holes (and of the filler entries)
 
     @property
     def label(self) -> str:
@@ -111,7 +134,7 @@ class GapLayout:
         return stream_nodes(self.gaps.size, self.bits, opset) + 5
 
     def decode(self, entries: np.ndarray) -> np.ndarray:
-        out = np.zeros(self.n, entries.dtype)
+        out = np.full(self.n, self.fill[0], entries.dtype)
         out[self.positions()] = entries
         return out
 
@@ -121,17 +144,17 @@ class GapLayout:
         steps = b.op("Add", [g, one], "steps")
         ends = b.op("CumSum", [steps, b.i64(0, "axis")], "ends")
         pos = b.op("Sub", [ends, one], "positions")
-        zeros = b.op("Expand", [b.const(np.zeros(1, dtype), "zero"), b.i64([self.n], "size")], "zeros")
-        return b.op("ScatterElements", [zeros, pos, values], "scattered", axis=0)
+        holes = b.op("Expand", [b.const(self.fill.astype(dtype), "fill"), b.i64([self.n], "size")], "holes")
+        return b.op("ScatterElements", [holes, pos, values], "scattered", axis=0)
 
 
-def gap_layout(mask: np.ndarray, bits: int) -> GapLayout:
-    """The gap encoding of the nonzero positions of ``mask``, with fillers for gaps over ``2**bits``."""
+def gap_layout(mask: np.ndarray, bits: int, fill: np.ndarray) -> GapLayout:
+    """The gap encoding of the True positions of ``mask``, with fillers for gaps over ``2**bits``."""
     span = 1 << bits
     p = np.flatnonzero(mask)
     gaps = np.diff(p, prepend=-1)
-    fill = (gaps - 1) // span
-    ends = np.cumsum(fill + 1) - 1
+    fillers = (gaps - 1) // span
+    ends = np.cumsum(fillers + 1) - 1
     out = np.full(int(ends[-1]) + 1 if ends.size else 0, span - 1, dtype=np.int64)
-    out[ends] = gaps - fill * span - 1
-    return GapLayout(int(mask.size), bits, out.astype(np.uint8))
+    out[ends] = gaps - fillers * span - 1
+    return GapLayout(int(mask.size), bits, out.astype(np.uint8), fill)
