@@ -243,6 +243,7 @@ def open_model(source: ModelLike | ModelSource, *, base_dir: str | os.PathLike |
                          hint="pass a path, bytes or an onnx.ModelProto")
     _check_model_shape(model, str(path) if path else "<model>")
     _check_graph_structure(model.graph, set(), str(path) if path else "<model>")
+    _check_tensor_sizes(model, str(path) if path else "<model>")
     src = ModelSource(model, Path(base_dir) if base_dir is not None else None, path)
     check_external_data(model, src.base_dir)
     return src
@@ -261,7 +262,28 @@ def _parse(data: bytes, name: str) -> onnx.ModelProto:
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise ModelError(f"{name} holds no ONNX graph", where="load",
                          hint="the file is not an ONNX model, or it is truncated; re-export it")
+    try:
+        _decode_strings(model)
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{name} holds a name or text field that is not valid UTF-8 (corrupt file)", where="load",
+                         hint="re-export the model, or check that the download finished") from e
     return model
+
+
+def _decode_strings(msg) -> None:
+    """Check every string field once. Protobuf (proto2) does not validate UTF-8 when parsing: a corrupt
+    name comes back as ``bytes`` (or fails when read), and would only break later, deep inside a pass
+    or the exporter. Raises UnicodeDecodeError; bytes fields (tensor payloads) are not looked at."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for fd, value in msg.ListFields():
+        if fd.type == FieldDescriptor.TYPE_MESSAGE:
+            for m in (value if fd.is_repeated else (value,)):
+                _decode_strings(m)
+        elif fd.type == FieldDescriptor.TYPE_STRING:
+            for v in (value if fd.is_repeated else (value,)):
+                if not isinstance(v, str):
+                    raise UnicodeDecodeError("utf-8", bytes(v), 0, len(v), f"field {fd.name!r}")
 
 
 def _check_model_shape(model: onnx.ModelProto, name: str) -> None:
@@ -349,6 +371,41 @@ def _check_graph_structure(graph: onnx.GraphProto, outer: set[str], name: str) -
                 _check_graph_structure(g, visible, name)
 
 
+_TYPED_FIELD = {  # data_type -> (field, values per element); 4-bit types are packed two per value
+    onnx.TensorProto.FLOAT: ("float_data", 1), onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1), onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1), onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1), onnx.TensorProto.STRING: ("string_data", 1),
+    **{dt: ("int32_data", 1) for dt in (onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+                                        onnx.TensorProto.UINT16, onnx.TensorProto.UINT8, onnx.TensorProto.BOOL,
+                                        onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)},
+}
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, name: str) -> None:
+    """Every tensor's payload must hold exactly what its dims and dtype say (a corrupt or hand-edited
+    file otherwise fails later, inside a pass, with a reshape error)."""
+    for t, _ in iter_tensor_protos(model.graph):
+        if any(d < 0 for d in t.dims):
+            raise ModelError(f"{name}: tensor {t.name!r} has a negative dimension {list(t.dims)}", where="load",
+                             hint="the model is corrupt; re-export it")
+        n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        found = expected = None
+        if _is_external(t):
+            info = _external_info(t)
+            if "length" in info and t.data_type != onnx.TensorProto.STRING:
+                found, expected = int(info["length"]), _expected_nbytes(t)
+            unit = "bytes"
+        elif t.HasField("raw_data"):
+            found, expected, unit = len(t.raw_data), _expected_nbytes(t), "bytes"
+        elif t.data_type in _TYPED_FIELD:
+            field, per = _TYPED_FIELD[t.data_type]
+            found, expected, unit = len(getattr(t, field)), n * per, "values"
+        if found is not None and found != expected:
+            raise ModelError(f"{name}: tensor {t.name!r} with dims {list(t.dims)} should hold {expected} {unit} "
+                             f"of data but holds {found}", where="load", hint="the model is corrupt; re-export it")
+
+
 def load(source: ModelLike, *, load_external_data: bool = True) -> onnx.ModelProto:
     """Load a model for use outside onnxcompress (external data read into memory by default)."""
     src = open_model(source)
@@ -431,7 +488,17 @@ def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
     for dom, ver in merged.items():
         model.opset_import.append(onnx.helper.make_opsetid(dom, ver))
     _restore_doc_strings(model.graph, template.graph)
+    if model.ir_version < 4:
+        _list_initializers_as_inputs(model.graph)
     return model
+
+
+def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    """IR version 3 requires every initializer to be a graph input too; graphsurgeon drops them."""
+    have = {v.name for v in graph.input}
+    for t in graph.initializer:
+        if t.name not in have:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
 def _restore_doc_strings(graph: onnx.GraphProto, template: onnx.GraphProto) -> None:
