@@ -67,11 +67,12 @@ class PruneChannelsConfig(StepConfig):
                                "pruning: whole conv channels / neurons, with every coupled tensor)",
                           flag="--prune-channels", minimum=0.0, maximum=0.99, metavar="R")
     importance: str = option("l1", "channel importance: l1 / l2 filter norm, bn = |BatchNorm gamma|, "
-                                   "activation = mean |activation| on the calibration data",
+                                   "activation = mean |activation| x next-layer weight norm on the calibration data",
                              flag="--prune-importance", choices=IMPORTANCE_METHODS)
     round_to: int = option(1, "keep channel counts multiples of N", flag="--round-to", minimum=1, metavar="N")
     calib_batches: int = option(8, "calibration batches read for activation importance", minimum=1)
-    exclude: tuple[str, ...] = option((), "node names whose dependency groups are left alone")
+    exclude: tuple[str, ...] = option((), "layer (node) names whose output channels are left alone, "
+                                           "with every layer coupled to them")
 
 
 def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
@@ -216,7 +217,7 @@ class PruneChannelsPass(Pass):
             return group_skip_reason(group)
         if not group.prunable:
             return ""
-        excluded = set(self.config.exclude).intersection(group.layers())
+        excluded = set(self.config.exclude).intersection(p.node.name for p in group.params if p.role in ("out", "dw"))
         if excluded:
             return f"excluded by the recipe ({', '.join(sorted(excluded))})"
         return None

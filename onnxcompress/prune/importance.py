@@ -8,10 +8,12 @@ For a unit ``u`` of a group (one channel, with every coupled element of every me
 * ``l2``: ``sqrt(sum over producer weights of sum W[u, ...]^2)``;
 * ``bn``: ``sum over BatchNormalization members of |gamma[u]|`` (Network Slimming); groups without a
   BatchNormalization fall back to ``l1`` (the pass reports it);
-* ``activation``: ``sum over the tensors the next layers read of mean |x[..., u, ...]|`` over the
-  calibration batches — what removing the channel takes away from the next layer's input. The
-  tensors are read with onnxruntime by adding them as extra graph outputs (one session for all
-  groups).
+* ``activation``: ``sum over the next layers' weights V of mean|x[..., u, ...]| · ||V[u, :]||_2`` —
+  the mean magnitude of the channel on the calibration batches times the norm of the weights that
+  read it: to first order, how much removing it changes the next layers' outputs. (Activation
+  magnitude alone ignores how much the next layer uses a channel; on the digits MLP at 50% it kept
+  the wrong ones.) The tensors are read with onnxruntime by adding them as extra graph outputs
+  (one session for all groups).
 
 Scores are in the order of :meth:`Group.units`.
 """
@@ -61,7 +63,11 @@ def unit_scores(group: Group, method: str, *, activations: dict[str, np.ndarray]
     if method == "activation":
         if not activations:
             return None
-        members = [(s, activations[s.name]) for s in activation_inputs(group) if s.name in activations]
+        members = []
+        for p in group.params:
+            if p.role == "in" and p.space.name in activations and p.chunks == 1:
+                reads = np.sqrt(_rows(eval_const(p.node.inputs[p.slot]), p.axis, 2))
+                members.append((p.space, activations[p.space.name] * reads))
         return _accumulate(group, units, members) if members else None
     raise ValueError(f"unknown importance {method!r}")
 
