@@ -18,6 +18,7 @@ from onnxcompress.quantize.config import QuantizeInt8Config
 from onnxcompress.quantize.int4 import QuantizeInt4Config
 from onnxcompress.quantize.embed import QuantizeEmbeddingConfig
 from onnxcompress.quantize.fp16 import ConvertFp16Config
+from onnxcompress.transfer.stages import deep_compression_steps
 from onnxcompress.recipe import Recipe, StepConfig
 
 __all__ = ["Preset", "PRESETS", "lossless_steps", "preset_recipe", "default_recipe"]
@@ -49,6 +50,9 @@ def _presets() -> tuple[Preset, ...]:
                lambda: [ConvertFp16Config()]),
         Preset("bf16", "--bf16", "bfloat16 where onnxruntime runs it (few CPU kernels: elsewhere float32 compute "
                "with bfloat16 weights)", lambda: [ConvertFp16Config(dtype="bfloat16")]),
+        Preset("deep_compression", "--deep-compression", "Deep Compression: magnitude pruning -> k-means weight sharing "
+               "(16 values per layer) -> layer-wise repair from the original model (with --calib-data) -> compact "
+               "sparse storage; the summary shows each stage's ratio", deep_compression_steps),
     )
 
 

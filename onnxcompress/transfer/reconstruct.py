@@ -69,7 +69,7 @@ LAYER_OPS = ("Gemm", "MatMul", "Conv")
 @dataclass(frozen=True)
 class DistillConfig(StepConfig):
     name = "distill"
-    order = 70
+    order = 75
     flag = "--distill"
     flag_help = ("repair the compressed model from the original (the teacher) layer by layer on the calibration "
                  "data (needs --calib-data)")

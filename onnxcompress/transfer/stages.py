@@ -1,0 +1,133 @@
+"""``compression_stages``: the Deep Compression table (pruning; + quantization; + encoding), and the preset.
+
+Deep Compression (Han et al., 2016) reports, per stage, how much smaller the weights get. This pass
+measures the same three stages on the weights as they are when it runs (after pruning, weight
+sharing and repair, before ``compact_storage`` writes them), for every float weight of a MatMul /
+Gemm / Conv with ``n ≥ min_elements`` elements, ``z`` non-zeros and ``K`` distinct non-zero values:
+
+==================  =====================================================================
+stage               bytes of one weight
+==================  =====================================================================
+fp32 (dense)        ``4·n``
+pruning             non-zeros in fp32 with relative 8-bit positions (CSR-like, gap
+                    encoding with fillers over gaps of 256, ``L`` entries): ``L + 4·L``
++ quantization      the same positions, each entry an 8-bit index into a ``K``-entry fp32
+                    codebook: ``L + L + 4·K``  (only when ``K ≤ 256``)
++ encoding          the smallest bit-packed form ``compact_storage`` can write: gaps in 4
+                    or 8 bits or a bitmask, indices in ``b = 1, 2, 4, 8`` bits —
+                    ``min(gaps_g: ceil(L_g·g/8) + 4·K + ceil(L_g·b/8), bitmask:
+                    ceil(n/8) + 4·K + ceil(z·b/8), dense codebook: 4·K + ceil(n·b/8))``
+==================  =====================================================================
+
+Each ratio is ``Σ 4·n / Σ stage bytes`` over the measured weights (as the paper's table); the whole
+file's ratio is in the report's summary. The pass changes nothing (it is lossless); it writes the
+table to ``details["stages"]`` and ``details["layers"]`` and a rendered line to the summary
+(``ctx.note``). Weights with more than 256 distinct values count as unquantized (fp32 values) in
+the last two stages.
+
+:func:`deep_compression_steps` is what ``--deep-compression`` means: magnitude pruning → k-means
+weight sharing (zeros pinned) → repair from the teacher (``distill``, skipped with a note when no
+data is given) → this table → compact storage (part of every preset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcompress.encode.packing import bits_for, packed_nbytes
+from onnxcompress.encode.sparse import gap_layout
+from onnxcompress.graph.query import iter_weights
+from onnxcompress.passes.base import Pass, PassResult
+from onnxcompress.recipe import StepConfig, option
+
+__all__ = ["CompressionStagesConfig", "CompressionStagesPass", "weight_stage_bytes", "render_stages",
+           "deep_compression_steps", "STAGES"]
+
+STAGES = ("fp32", "pruning", "+ quantization", "+ encoding")
+_LINEAR = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
+
+
+@dataclass(frozen=True)
+class CompressionStagesConfig(StepConfig):
+    name = "compression_stages"
+    order = 90
+
+    min_elements: int = option(64, "weights with at least this many elements are counted", minimum=1)
+
+
+def weight_stage_bytes(values: np.ndarray) -> dict[str, int]:
+    """Bytes of one weight at each stage of :data:`STAGES` (see the module docstring)."""
+    flat = np.asarray(values).reshape(-1)
+    n = flat.size
+    mask = flat != 0
+    z = int(mask.sum())
+    distinct = np.unique(flat[mask]).size if z else 0
+    out = {"fp32": 4 * n}
+    g8 = gap_layout(mask, 8) if z else None
+    l8 = g8.gaps.size if g8 is not None else 0
+    out["pruning"] = min(l8 + 4 * l8, 4 * n)
+    if z and distinct <= 256:
+        book = 4 * distinct
+        out["+ quantization"] = min(l8 + l8 + book, n + book, out["pruning"])
+        b = bits_for(max(distinct + 1, 2)) or 8  # the zero filler is one more symbol in gap/dense forms
+        bz = bits_for(max(distinct, 2)) or 8
+        forms = [book + packed_nbytes(n, b), packed_nbytes(n, 1) + book + packed_nbytes(z, bz)]
+        for g in (4, 8):
+            lay = gap_layout(mask, g)
+            forms.append(packed_nbytes(lay.gaps.size, g) + book + packed_nbytes(lay.gaps.size, b))
+        out["+ encoding"] = min(min(forms), out["+ quantization"])
+    else:
+        out["+ quantization"] = out["pruning"]
+        out["+ encoding"] = min(out["pruning"], packed_nbytes(n, 1) + 4 * z)
+    out.update(n=n, nonzeros=z, distinct=int(distinct))
+    return out
+
+
+def render_stages(stages: list[dict[str, Any]]) -> str:
+    """``fp32 201.6 KB; pruning 18.4 KB (11.0x); + quantization ...`` for the summary."""
+    parts = []
+    for s in stages:
+        kb = s["bytes"] / 1024
+        parts.append(f"{s['stage']} {kb:.1f} KB" + (f" ({s['ratio']:.1f}x)" if s["stage"] != "fp32" else ""))
+    return "Deep Compression stages (weights): " + "; ".join(parts)
+
+
+class CompressionStagesPass(Pass):
+    config_cls = CompressionStagesConfig
+    lossless = True
+
+    def run(self, graph: gs.Graph, ctx) -> PassResult:
+        res = PassResult()
+        layers = []
+        totals = dict.fromkeys(STAGES, 0)
+        for ref in iter_weights(graph, min_size=self.config.min_elements, float_only=True):
+            if not any(c.op in _LINEAR for c in ref.consumers):
+                continue
+            b = weight_stage_bytes(ref.values)
+            layers.append({"tensor": ref.name, **b})
+            for k in STAGES:
+                totals[k] += b[k]
+        if not layers:
+            res.skip("(model)", "compression_stages", "no float MatMul/Gemm/Conv weight to measure")
+            return res
+        stages = [{"stage": k, "bytes": totals[k], "ratio": round(totals["fp32"] / max(totals[k], 1), 3)}
+                  for k in STAGES]
+        res.details = {"stages": stages, "layers": layers}
+        if ctx is not None:
+            ctx.note(render_stages(stages))
+        return res
+
+
+def deep_compression_steps() -> list[StepConfig]:
+    """prune (magnitude, global) → share weights (k-means, 4 bits) → distill → stages; compact storage
+    comes with the lossless steps of every preset."""
+    from onnxcompress.passes.registry import step_config_class
+    from onnxcompress.prune.sparsity import SparsifyConfig
+    from onnxcompress.transfer.reconstruct import DistillConfig
+
+    share = step_config_class("share_weights")
+    return [SparsifyConfig(ratio=0.92, scope="global"), share(), DistillConfig(), CompressionStagesConfig()]

@@ -1,0 +1,241 @@
+"""distill: layer-wise repair of a compressed student from the teacher (onnxcompress.transfer.reconstruct).
+
+Three ways: the structure stays (same ops, the sparsity mask, the codebook size, the int8 grid);
+the numbers get better (digits accuracy on the fixed test split, output error against the teacher);
+and the pass declines when it should (no data, shared weight, no teacher tensor, grouped conv).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import builders
+import transfer_models as tm
+from onnxcompress.api import compress
+from onnxcompress.context import Context
+from onnxcompress.datasets import calibration_npz, digits_accuracy
+from onnxcompress.graph.io import graph_to_model, model_to_graph, open_model
+from onnxcompress.prune.channels import PruneChannelsConfig
+from onnxcompress.recipe import Recipe, VerifyConfig
+from onnxcompress.transfer.reconstruct import DistillConfig, DistillPass, im2col, solve_masked
+
+OFF = VerifyConfig(enabled=False)
+
+
+def _distill(student: onnx.ModelProto, teacher: onnx.ModelProto, data, cfg: DistillConfig | None = None):
+    """Run the pass alone on ``student`` with ``teacher`` as the original; return (model, result)."""
+    g = model_to_graph(open_model(student))
+    with Context(data=data) as ctx:
+        ctx.original = open_model(teacher)
+        res = DistillPass(cfg or DistillConfig()).run(g, ctx)
+    return graph_to_model(g, student), res
+
+
+def _ops(m: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in m.graph.node)
+
+
+def _weights(m: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tm.digits_mlp((64, 32))
+
+
+@pytest.fixture(scope="module")
+def calib(teacher, tmp_path_factory):
+    return str(calibration_npz(tmp_path_factory.mktemp("calib") / "calib.npz", teacher))
+
+
+# -- the math ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attrs", [dict(pads=[1, 1, 1, 1]), dict(strides=[2, 2], pads=[0, 1, 1, 0]),
+                                   dict(dilations=[2, 1], pads=[2, 0, 2, 0])])
+def test_im2col_matches_onnxruntime_conv(attrs):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], **attrs)
+    g = helper.make_graph([node], "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    (ref,) = builders.run(m, {"x": x})
+    rows = im2col(x.astype(np.float64), w.shape, attrs) @ w.reshape(4, -1).T.astype(np.float64)
+    got = np.moveaxis(rows.reshape(ref.shape[0], ref.shape[2], ref.shape[3], 4), -1, 1)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+
+
+def test_solve_masked_recovers_a_masked_linear_map_and_keeps_zeros():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((500, 12))
+    mask = rng.random((5, 12)) < 0.4
+    w = np.where(mask, rng.standard_normal((5, 12)), 0.0)
+    b = rng.standard_normal(5)
+    t = a @ w.T + b
+    a1 = np.concatenate([a, np.ones((500, 1))], 1)
+    sol = solve_masked(a1.T @ a1, a1.T @ t, mask, ridge=0.0, bias=True)
+    assert np.all(sol[:, :-1][~mask] == 0)
+    np.testing.assert_allclose(sol[:, :-1], w, atol=1e-8)
+    np.testing.assert_allclose(sol[:, -1], b, atol=1e-8)
+
+
+# -- numbers and structure on the digits MLP ---------------------------------------------------
+
+
+def test_repairs_sparse_shared_mlp_on_digits(teacher, calib):
+    """80% magnitude sparsity + 16-value k-means sharing: accuracy recovers, mask and codebook stay."""
+    student = tm.edit_weights(teacher, lambda n, w: tm.kmeans_share(tm.magnitude_prune(w, 0.8), 16))
+    repaired, res = _distill(student, teacher, calib)
+    acc_t, acc_s, acc_r = (digits_accuracy(m) for m in (teacher, student, repaired))
+    assert acc_s < acc_t - 0.2  # the compression really hurt
+    assert acc_r >= acc_s + 0.2  # the repair measurably recovers (seen: 0.57 -> 0.92, teacher 0.96)
+    assert acc_r >= acc_t - 0.1
+    assert _ops(repaired) == _ops(student)
+    before, after = _weights(student), _weights(repaired)
+    for name, w in before.items():
+        if w.ndim == 2:
+            assert np.all(after[name][w == 0] == 0), f"{name}: a pruned position came back"
+            assert len(np.unique(after[name][after[name] != 0])) <= 16, f"{name}: codebook grew"
+    rows = res.details["layers"]
+    assert [r["node"] for r in rows] == ["fc0", "fc1", "fc2"]
+    assert all(r["refit"] and r["error_after"] < r["error_before"] for r in rows)
+    assert all(r["grid"].startswith("codebook") for r in rows)
+
+
+def test_dense_student_is_improved_or_left_alone(teacher, calib):
+    """A student that equals the teacher cannot be improved: every layer declines, nothing changes."""
+    same, res = _distill(teacher, teacher, calib)
+    assert not res.modified
+    assert all("does not lower the layer error" in s.reason for s in res.skipped)
+    for name, w in _weights(teacher).items():
+        assert np.array_equal(_weights(same)[name], w)
+
+
+def test_int8_grid_is_respected(teacher, calib):
+    """Weights behind DequantizeLinear: q is refitted on the same int8 grid, scale and zero point unchanged."""
+    m = onnx.ModelProto()
+    m.CopyFrom(teacher)
+    inits = {t.name: t for t in m.graph.initializer}
+    w = numpy_helper.to_array(inits["fc1.weight"])  # [32, 64], output channels on axis 0
+    scale = (np.abs(w).max(axis=1) / 3).astype(np.float32)  # a coarse 3-level-per-side grid
+    q = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+    inits["fc1.weight"].CopyFrom(numpy_helper.from_array(q, "fc1.q"))
+    m.graph.initializer.append(numpy_helper.from_array(scale, "fc1.scale"))
+    dq = helper.make_node("DequantizeLinear", ["fc1.q", "fc1.scale"], ["fc1.weight"], axis=0, name="dq1")
+    m.graph.node.insert(0, dq)
+    repaired, res = _distill(m, teacher, calib, DistillConfig(ops=("Gemm",)))
+    rec = {r["node"]: r for r in res.details["layers"]}["fc1"]
+    assert rec["refit"] and rec["grid"] == "int8 grid" and rec["error_after"] < rec["error_before"]
+    after = _weights(repaired)
+    assert after["fc1.q"].dtype == np.int8 and np.array_equal(after["fc1.scale"], scale)
+    assert np.abs(after["fc1.q"]).max() <= 127 and not np.array_equal(after["fc1.q"], q)
+    assert _ops(repaired)["DequantizeLinear"] == 1
+    assert digits_accuracy(repaired) >= digits_accuracy(m)
+
+
+# -- structured pruning: the channel map --------------------------------------------------------
+
+
+def test_pruned_conv_is_repaired_through_the_channel_map():
+    m = builders.conv_bn(channels=8)
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((32, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    test = {"x": rng.standard_normal((64, 3, 8, 8)).astype(np.float32)}
+    (ref,) = builders.run(m, test)
+    pruned = compress(m, Recipe(steps=(PruneChannelsConfig(ratio=0.5),), verify=OFF), data=calib)
+    both = compress(m, Recipe(steps=(PruneChannelsConfig(ratio=0.5), DistillConfig()), verify=OFF), data=calib)
+    assert _ops(both.model) == _ops(pruned.model)
+    step = both.report.step("distill")
+    rows = {r["node"]: r for r in step.details["layers"]}
+    kept = pruned.report.step("prune_channels").details["groups"][0]["keep"]
+    # the map found from activations is the one prune_channels recorded
+    assert rows["conv"]["channel_map"] == sorted(kept["c"])
+    assert rows["fc"]["refit"]
+    (out_p,) = builders.run(pruned.model, test)
+    (out_d,) = builders.run(both.model, test)
+    err_p, err_d = np.abs(out_p - ref).max(), np.abs(out_d - ref).max()
+    assert err_d < 0.5 * err_p
+
+
+# -- declines -----------------------------------------------------------------------------------
+
+
+def test_declines_without_data(teacher):
+    student = tm.edit_weights(teacher, lambda n, w: tm.magnitude_prune(w, 0.8))
+    out, res = _distill(student, teacher, None)
+    assert not res.modified and "no calibration data" in res.skipped[0].reason
+    assert all(np.array_equal(_weights(out)[k], v) for k, v in _weights(student).items())
+
+
+def test_declines_shared_weight(calib):
+    m = builders.mlp((64, 64, 64, 10), seed=2)  # MatMul + Add layers
+    shared = onnx.ModelProto()
+    shared.CopyFrom(m)
+    for n in shared.graph.node:  # the second MatMul reads the first one's weight too
+        if n.name == "MatMul_1":
+            n.input[1] = "W0"
+    shared.graph.initializer.remove(next(t for t in shared.graph.initializer if t.name == "W1"))
+    student = tm.edit_weights(shared, lambda n, w: tm.magnitude_prune(w, 0.5))
+    out, res = _distill(student, shared, calib)
+    reasons = {s.node: s.reason for s in res.skipped}
+    assert "shared" in reasons["MatMul_0"] and "shared" in reasons["MatMul_1"]
+    assert np.array_equal(_weights(out)["W0"], _weights(student)["W0"])
+    assert [r["node"] for r in res.details["layers"]] == ["MatMul_2"]
+
+
+def test_declines_layer_without_teacher_tensor(calib):
+    m = builders.mlp((64, 64, 10), seed=2)
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(m)
+    for n in renamed.graph.node:  # the teacher calls the first layer's output differently
+        n.output[:] = ["sum0" if o == "add0" else o for o in n.output]
+        n.input[:] = ["sum0" if i == "add0" else i for i in n.input]
+    student = tm.edit_weights(m, lambda n, w: tm.magnitude_prune(w, 0.5))
+    _, res = _distill(student, renamed, calib)
+    reasons = {s.node: s.reason for s in res.skipped}
+    assert reasons["MatMul_0"] == "the teacher has no tensor named 'add0'"
+    assert [r["node"] for r in res.details["layers"]] == ["MatMul_1"]
+    assert res.details["layers"][0]["target"] == "y"  # MatMul + Add(bias): the Add's output is the target
+
+
+def test_declines_grouped_conv(calib):
+    w = np.random.default_rng(0).standard_normal((4, 1, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=4, pads=[1, 1, 1, 1], name="dw")
+    g = helper.make_graph([node], "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    feeds = [{"x": np.ones((2, 4, 5, 5), np.float32)}]
+    _, res = _distill(m, m, feeds)
+    assert not res.modified and res.skipped[0].reason == "grouped convolution"
+
+
+# -- through the CLI ----------------------------------------------------------------------------
+
+
+def test_cli_distill_flag(teacher, calib, tmp_path):
+    from onnxcompress.cli import main
+
+    src = tmp_path / "t.onnx"
+    onnx.save(teacher, src)
+    out, report = tmp_path / "s.onnx", tmp_path / "r.json"
+    rc = main([str(src), str(out), "--prune", "0.8", "--distill", "--calib-data", calib, "--no-verify",
+               "--report", str(report), "-q"])
+    assert rc == 0
+    import json
+
+    steps = [s["name"] for s in json.loads(report.read_text())["steps"]]
+    assert steps.index("sparsify") < steps.index("distill")
+    assert digits_accuracy(str(out)) > digits_accuracy(tm.edit_weights(teacher, lambda n, w: tm.magnitude_prune(w, 0.8)))
