@@ -412,3 +412,27 @@ def test_cli_int8_static(tmp_path):
     assert cache.is_file() and (tmp_path / "out.onnx").is_file()
     out = onnx.load(str(tmp_path / "out.onnx"))
     assert _ops(out)["QuantizeLinear"] == 4
+
+
+@pytest.mark.parametrize("name,variant", [("mlp", "constant_nodes"), ("cnn", "if_subgraph"), ("cnn", "constant_nodes")])
+def test_bundled_variants_are_quantized_like_the_originals(name, variant, tmp_path):
+    """Exporters keep weights in Constant nodes or inside If bodies: they are quantized all the same."""
+    datasets = pytest.importorskip("onnxcompress.datasets")
+    try:
+        path = datasets.bundled_model_path(name)
+    except Exception as e:
+        pytest.skip(f"bundled model {name} not available: {e}")
+    if not path.exists():
+        pytest.skip(f"bundled model {name} not built yet")
+    base = onnx.load(str(path))
+    m = builders.with_constant_nodes(base) if variant == "constant_nodes" else builders.with_if_subgraph(base)
+    calib = datasets.calibration_npz(tmp_path / "calib.npz", name, n=128)
+    res = compress(m, Recipe(steps=(QuantizeInt8Config(),)), data=str(calib))
+    onnx.checker.check_model(res.model)
+    plan = _plan(res)
+    quantized = plan["counts"].get("qdq", 0) + plan["counts"].get("dynamic", 0) + plan["counts"].get("storage", 0)
+    weighted = sum(1 for n in base.graph.node if n.op_type in ("Gemm", "MatMul", "Conv"))
+    if variant == "if_subgraph":
+        weighted *= 2  # both branches
+    assert quantized == weighted, plan["counts"]
+    assert datasets.digits_accuracy(res.model) >= datasets.digits_accuracy(str(path)) - 0.005
