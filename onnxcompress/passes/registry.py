@@ -16,6 +16,7 @@ from onnxcompress.prune.sparsity import SparsifyPass
 from onnxcompress.quantize.static import QuantizeInt8Pass
 from onnxcompress.quantize.storage import StoragePass
 from onnxcompress.prune.channels import PruneChannelsPass
+from onnxcompress.fuse.neuron_merge import MergeNeuronsPass
 from onnxcompress.transfer.reconstruct import DistillPass
 from onnxcompress.transfer.replay import ApplyPlanPass, WidthPass
 from onnxcompress.transfer.stages import CompressionStagesPass
@@ -41,6 +42,7 @@ def _pass_classes() -> tuple[type[Pass], ...]:
         SparsifyPass,
         CompactStoragePass,
         PruneChannelsPass,
+        MergeNeuronsPass,
         DistillPass,
         ApplyPlanPass,
         WidthPass,
