@@ -262,3 +262,23 @@ def test_compress_with_prune_and_compact_storage(digits_mlp):
     assert np.array_equal(b.run(result.model, feeds)[0], b.run(pruned_only, feeds)[0])
     assert result.model.ByteSize() < 0.45 * digits_mlp.ByteSize()  # W1 (640 weights) stays dense: < 1024
     assert digits_accuracy(result.model) == digits_accuracy(pruned_only)
+
+
+def test_cli_flags_build_the_steps():
+    from onnxcompress.cli import build_parser, recipe_from_args
+
+    parser, targets, owners = build_parser()
+
+    def recipe(*argv):
+        return recipe_from_args(parser.parse_args(["in.onnx", *argv]), targets, owners)
+
+    r = recipe("--prune", "0.5", "--prune-scope", "global", "--nm", "2:4", "--prune-override", "fc*=skip,W0=0.25")
+    s = r.step("sparsify")
+    assert (s.ratio, s.scope, s.nm, s.overrides) == (0.5, "global", "2:4", ("fc*=skip", "W0=0.25"))
+    assert r.steps[-1].name == "compact_storage" and r.steps[-1].enabled
+    assert recipe("--keep-top", "10").step("sparsify").keep_top == 10
+    s = recipe("--sparsify-threshold", "0.5", "--threshold-mode", "std").step("sparsify")
+    assert (s.threshold, s.threshold_mode) == (0.5, "std")
+    assert not recipe("--prune", "0.5", "--no-compact-storage").step("compact_storage").enabled
+    with pytest.raises(RecipeError):
+        recipe("--prune", "0.5", "--keep-top", "3")
