@@ -126,7 +126,8 @@ def _candidates(work: WorkArray, cfg: CompactStorageConfig, rng: np.random.Gener
     layouts: list[Layout] = [FullLayout(flat.size)]
     fill = background(flat, rng)
     mask = nonzero_mask(flat, fill)
-    if not mask.all():
+    holes = flat.size - int(np.count_nonzero(mask))
+    if holes * work.itemsize_bits > flat.size:  # a bitmask costs 1 bit per element: no gain below that
         if "bitmask" in cfg.forms:
             layouts.append(BitmaskLayout(mask, fill))
         if "gaps" in cfg.forms and mask.any():

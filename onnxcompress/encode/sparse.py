@@ -45,7 +45,8 @@ def nonzero_mask(flat: np.ndarray, fill: np.ndarray | None = None) -> np.ndarray
 
 
 def background(flat: np.ndarray, rng: np.random.Generator, probe: int = 4096) -> np.ndarray:
-    """The hole value: zero, unless a random probe finds another value more frequent (then that one)."""
+    """The hole value: zero, unless a random probe finds another value more frequent than zero and
+    than 1/16 of the elements (then that one)."""
     keys = bit_keys(flat)
     sample = keys if keys.size <= probe else keys[rng.integers(0, keys.size, probe)]
     vals, counts = np.unique(sample, return_counts=True)
@@ -54,7 +55,7 @@ def background(flat: np.ndarray, rng: np.random.Generator, probe: int = 4096) ->
         return zero
     top = int(np.argmax(counts))
     zero_count = int(counts[vals == 0].sum())
-    if vals[top] == 0 or counts[top] <= zero_count:
+    if vals[top] == 0 or counts[top] <= max(zero_count, sample.size // 16):
         return zero
     return flat[np.flatnonzero(keys == vals[top])[:1]].copy()
 
