@@ -581,10 +581,11 @@ def save(
             f.write(work.SerializeToString())
             f.flush()
             os.fsync(f.fileno())
-        if external_data:
-            os.replace(tmp_files[0], data_path)
-        os.replace(tmp_model, out)
-        tmp_files.clear()
+        with _publishing(out.parent):
+            if external_data:
+                os.replace(tmp_files[0], data_path)
+            os.replace(tmp_model, out)
+            tmp_files.clear()
     except OnnxCompressError:
         raise
     except OSError as e:
@@ -595,6 +596,43 @@ def save(
             with contextlib.suppress(OSError):
                 p.unlink()
     return data_path if external_data else None
+
+
+@contextlib.contextmanager
+def _publishing(folder: Path):
+    """Make the final renames one step: a SIGINT/SIGTERM arriving between them is held and handled
+    right after both (the Python handlers are swapped for a recorder meanwhile), and two onnxcompress
+    processes saving into the same folder take turns (an advisory lock on the folder), so the model
+    and its data file always come from the same save."""
+    import signal
+    import threading
+
+    pending: list[int] = []
+    old: dict[int, object] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+    fd = None
+    try:
+        try:
+            import fcntl
+
+            fd = os.open(folder, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no flock here (Windows, some network filesystems): renames only
+            pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if pending:  # now deliver what arrived, as it would have been
+            handler = old[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
 
 
 def _check_destination(out: Path, protected: tuple, where: str) -> None:
