@@ -224,3 +224,26 @@ def test_constant_node_and_constant_of_shape_weights_are_parameters():
     params = {(p.node.op, p.role): p for p in grp.params}
     assert eval_const(params[("MatMul", "in")].node.inputs[1]).shape == (12, 4)
     assert float(eval_const(params[("MatMul", "in")].node.inputs[1])[0, 0]) == 0.5
+
+
+def test_transformer_ffn_hidden_group_is_prunable_and_the_residual_stream_is_not():
+    """LayerNorm -> MatMul -> Add -> GELU (erf form) -> MatMul -> Add -> + x: the feed-forward
+    width couples through scalar-constant elementwise ops; the residual stream reaches LayerNorm and
+    the graph input, so it is blocked."""
+    n = Net(shape=(2, 5, 8), opset=18)
+    ln_params = [n.init("ln_s", np.ones(8, np.float32)), n.init("ln_b", np.zeros(8, np.float32))]
+    ln = n.node("LayerNormalization", ["x", *ln_params], axis=-1)
+    h = n.node("Add", [n.node("MatMul", [ln, n.weight("w_in", (8, 16))]), n.weight("b_in", (16,))])
+    erf = n.node("Erf", [n.node("Div", [h, n.init("sqrt2", np.array(1.4142135, np.float32))])])
+    gelu = n.node("Mul", [n.node("Mul", [h, n.node("Add", [erf, n.init("one", np.array(1.0, np.float32))])]),
+                          n.init("half", np.array(0.5, np.float32))])
+    out = n.node("Add", [n.node("Add", [n.node("MatMul", [gelu, n.weight("w_out", (16, 8))]), n.weight("b_out", (8,))]),
+                         "x"])
+    _, groups = groups_by_name(n.model(out, (2, 5, 8)))
+    ffn = next(g for g in groups.values() if any(p.node.op == "MatMul" and p.role == "out" and p.space.size == 16
+                                                 for p in g.params))
+    assert not ffn.blocked and len(ffn.units()) == 16
+    assert sorted((p.node.op, p.role) for p in ffn.params) == [("Add", "ew"), ("MatMul", "in"), ("MatMul", "out")]
+    stream = [g for g in groups.values() if g is not ffn]
+    assert stream and all(g.blocked for g in stream)
+    assert any("graph input" in r or "LayerNormalization" in r for g in stream for _, r in g.blocked)
