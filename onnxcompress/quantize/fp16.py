@@ -173,7 +173,7 @@ class ConvertFp16Pass(Pass):
         np_half, onnx_half, max_half = _HALF[cfg.dtype]
         model = ctx.model_of(graph) if ctx is not None else gs.export_onnx(graph.copy(), do_type_check=False)
         st = _State(cfg, np_half, onnx_half, max_half, Namer.for_graph(graph), _tensor_types(model))
-        hot = self._hot_tensors(graph, ctx, model, res)
+        hot = self._hot_tensors(graph, ctx, st.types, res)
         probe = _KernelProbe(graph.opset or 17, onnx_half, st.types) if cfg.target == "cpu" else None
         graphs = list(iter_graphs(graph))
 
@@ -409,34 +409,19 @@ class ConvertFp16Pass(Pass):
 
     # -- activation ranges ------------------------------------------------------------------------
 
-    def _hot_tensors(self, graph: gs.Graph, ctx, model: onnx.ModelProto, res: PassResult) -> set[str]:
+    def _hot_tensors(self, graph: gs.Graph, ctx, types: dict[str, int], res: PassResult) -> set[str]:
         """Names of float32 activations whose max |x| exceeds the half range (needs data)."""
         if ctx is None or getattr(ctx, "data", None) is None or self.config.compute == "float":
             return set()
-        import onnxruntime as ort
+        from onnxcompress.quantize.gptq import stream_tensors
 
         cfg = self.config
         limit = _HALF[cfg.dtype][2] / cfg.activation_headroom
-        types = _tensor_types(model)
-        existing = {o.name for o in model.graph.output}
         names = [t.name for n in graph.nodes for t in n.outputs
                  if t.name and types.get(t.name) == onnx.TensorProto.FLOAT]
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        for nm in names:
-            if nm not in existing:
-                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(nm))
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         amax = dict.fromkeys(names, 0.0)
-        seen = 0
-        for feed in ctx.feeds(model):
-            if seen >= cfg.calib_samples:
-                break
-            seen += len(next(iter(feed.values()))) if feed else 1
-            for nm, x in zip(names, sess.run(names, dict(feed))):
+        for got, values in stream_tensors(graph, ctx, names, cfg.calib_samples):
+            for nm, x in zip(got, values):
                 x = np.asarray(x)
                 if x.size:
                     a = float(np.max(np.abs(x)))

@@ -26,12 +26,11 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.quantize.int4 import QMAX, BlockQuant, choose_block_params
 
-__all__ = ["InputStats", "collect_input_stats", "gptq_quantize"]
+__all__ = ["InputStats", "collect_input_stats", "gptq_quantize", "stream_tensors"]
 
 log = logging.getLogger("onnxcompress")
 
@@ -45,17 +44,37 @@ class InputStats:
     hessian: np.ndarray | None       # [K, K] = 2XᵀX / rows, or None
 
 
+def stream_tensors(graph: gs.Graph, ctx, names: list[str], max_samples: int):
+    """Yield ``(names, values)`` per calibration batch: the current model run with ``names`` exposed
+    as outputs (no graph optimizations), until ``max_samples`` samples (first axis) were seen."""
+    from onnxcompress.verify.layers import expose_tensors
+    from onnxcompress.verify.session import make_session
+
+    model = ctx.model_of(graph)
+    exposed, names = expose_tensors(model, names)
+    sess = make_session(exposed, "cpu", optimize=False, base_dir=ctx.base_dir)
+    seen = 0
+    for feed in ctx.feeds(model):
+        if seen >= max_samples:
+            return
+        n_batch = len(next(iter(feed.values()))) if feed else 1
+        take = min(n_batch, max_samples - seen)
+        if take < n_batch:
+            feed = {k: v[:take] for k, v in feed.items()}
+        seen += take
+        yield names, sess.run(names, dict(feed))
+
+
 def collect_input_stats(graph: gs.Graph, ctx, nodes: list[gs.Node], *, full: bool,
                         max_samples: int) -> dict[int, InputStats] | None:
-    """Stream the calibration data through the current model; statistics of each node's input 0, keyed by id(node).
+    """Stream the calibration data through the current model; statistics of each node's input 0,
+    keyed by id(node).
 
     Returns None when the context has no data. ``full`` also accumulates XᵀX (for GPTQ).
     Only nodes of the top-level graph get statistics.
     """
     if ctx is None or getattr(ctx, "data", None) is None:
         return None
-    import onnxruntime as ort
-
     top = {id(n) for n in graph.nodes}
     wanted: dict[str, list[gs.Node]] = {}
     for n in nodes:
@@ -63,28 +82,8 @@ def collect_input_stats(graph: gs.Graph, ctx, nodes: list[gs.Node], *, full: boo
             wanted.setdefault(n.inputs[0].name, []).append(n)
     if not wanted:
         return {}
-    model = ctx.model_of(graph)
-    outputs = {o.name for o in model.graph.output}
-    for name in wanted:
-        if name not in outputs:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    source = ctx.feeds(model)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = list(wanted)
     sums: dict[str, list] = {}
-    seen = 0
-    for feed in source:
-        if seen >= max_samples:
-            break
-        n_batch = len(next(iter(feed.values()))) if feed else 1
-        take = min(n_batch, max_samples - seen)
-        if take < n_batch:
-            feed = {k: v[:take] for k, v in feed.items()}
-        outs = sess.run(names, dict(feed))
-        seen += take
+    for names, outs in stream_tensors(graph, ctx, list(wanted), max_samples):
         for name, x in zip(names, outs):
             x = np.asarray(x, np.float64)
             x = x.reshape(-1, x.shape[-1])
@@ -100,7 +99,7 @@ def collect_input_stats(graph: gs.Graph, ctx, nodes: list[gs.Node], *, full: boo
         st = InputStats(rows, sq / rows, 2.0 * xtx / rows if xtx is not None else None)
         for n in wanted[name]:
             stats[id(n)] = st
-    log.info("collected input statistics of %d layers from %d samples", len(stats), seen)
+    log.info("collected input statistics of %d layers", len(stats))
     return stats
 
 

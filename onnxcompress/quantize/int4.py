@@ -20,7 +20,9 @@ candidate that minimizes the reconstruction error Σ_k h_k (W − Ŵ)² — r = 
 the error is never worse than RTN. h_k is 1, or, with calibration data, the mean square of input feature k (the diagonal of
 the Hessian, activation-aware). ``gptq`` (with calibration data, :mod:`onnxcompress.quantize.gptq`)
 quantizes column by column and feeds each column's error back into the columns not yet quantized,
-using H = 2XᵀX of the layer's streamed input activations. ``auto`` is gptq with data, search without.
+using H = 2XᵀX of the layer's streamed input activations (a layer with fewer than ``gptq_min_rows``·K
+activation rows gets the activation-weighted search instead: its XᵀX is rank-deficient and GPTQ
+would fit the calibration set, not the task). ``auto`` is gptq with data, search without.
 
 **Forms.** ``matmulnbits`` (default): ``com.microsoft::MatMulNBits(A, B, scales[, zero_points][, bias])``
 with B uint8[N, K/bs, bs/2] (low nibble = even k), scales float[N, K/bs], zero points packed two per
@@ -240,6 +242,9 @@ class QuantizeInt4Config(StepConfig):
     search_min_ratio: float = option(0.55, "smallest clipping ratio tried", minimum=0.05, maximum=1.0)
     gptq_damp: float = option(0.01, "GPTQ damping, as a fraction of the Hessian's mean diagonal",
                               flag="--gptq-damp", minimum=0.0, maximum=1.0)
+    gptq_min_rows: float = option(2.0, "GPTQ needs at least this many activation rows per input feature "
+                                  "(fewer: XᵀX is rank-deficient and GPTQ overfits; the layer uses the "
+                                  "activation-weighted search instead)", minimum=0.0)
     calib_samples: int = option(256, "calibration samples used for activation statistics (gptq, search)",
                                 minimum=1)
     min_elements: int = option(256, "weights with fewer elements stay float", minimum=0)
@@ -405,7 +410,7 @@ class QuantizeInt4Pass(Pass):
         cfg = self.config
         wt = t.w.T  # [N, K]: rows = output columns, blocks along K
         st = stats.get(id(t.node)) if stats is not None else None
-        if method == "gptq" and st is not None and st.hessian is not None:
+        if method == "gptq" and st is not None and st.hessian is not None and st.rows >= cfg.gptq_min_rows * len(wt[0]):
             from onnxcompress.quantize.gptq import gptq_quantize
 
             return gptq_quantize(wt, st.hessian, cfg.block_size, symmetric=cfg.symmetric, grid=cfg.search_grid,
