@@ -119,6 +119,29 @@ def test_static_gemm_relu_structure_fusion_and_numbers(tmp_path):
     assert np.mean(ref.argmax(1) == fast.argmax(1)) >= 0.97
 
 
+def test_matmul_read_by_a_bias_add_keeps_a_float_output(tmp_path):
+    """MatMul -> Add(bias) on a rank-3 input: no output Q, so onnxruntime fuses MatMulIntegerToFloat
+    with the bias (a rank-2 MatMul + Add becomes a Gemm first, which keeps the classic layout)."""
+    m = builders.mlp((32, 64, 10))
+    m.graph.input[0].type.tensor_type.shape.dim.insert(1, onnx.TensorShapeProto.Dimension(dim_value=4))
+    m.graph.output[0].type.tensor_type.shape.dim.insert(1, onnx.TensorShapeProto.Dimension(dim_value=4))
+    calib = [_feeds(m, 64, seed=1)]
+    res = compress(m, _recipe(mode="static"), data=calib)
+    fused = _fused_ops(res.model, tmp_path)
+    assert fused["MatMulIntegerToFloat"] == 2 and fused["MatMul"] == 0 and fused["QLinearMatMul"] == 0, fused
+    assert _ops(res.model)["QuantizeLinear"] == 2  # x and relu0 output; no Q after either MatMul
+    strict = compress(m, _recipe(mode="static", matmul_float_output=False), data=calib)
+    assert _ops(strict.model)["QuantizeLinear"] == 4
+    assert _fused_ops(strict.model, tmp_path)["QLinearMatMul"] == 2
+    two_d = compress(builders.mlp((32, 64, 10)), _recipe(mode="static"), data=[_feeds(builders.mlp((32, 64, 10)), 64)])
+    assert _fused_ops(two_d.model, tmp_path)["QLinearMatMul"] == 2
+    x = _feeds(m, 128, seed=2)
+    ref = builders.run(m, x)[0]
+    e_float = np.abs(builders.run(res.model, x, optimize=True)[0] - ref).mean()
+    e_strict = np.abs(builders.run(strict.model, x, optimize=True)[0] - ref).mean()
+    assert e_float < e_strict  # one rounding step fewer per layer
+
+
 def test_static_conv_chain_is_integer(tmp_path):
     """Conv -> Relu -> MaxPool -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm: one integer chain."""
     rng = np.random.default_rng(3)

@@ -56,6 +56,9 @@ class QuantizeInt8Config(StepConfig):
                                         "transformers)", flag="--keep-sensitive-float")
     quantize_act_matmul: bool = option(True, "quantize MatMuls whose both inputs are activations "
                                        "(attention scores and context)", flag="--quantize-attention")
+    matmul_float_output: bool = option(True, "a quantized MatMul whose output only float ops read gets no output "
+                                       "QuantizeLinear (onnxruntime runs it as MatMulIntegerToFloat, bias Add fused); "
+                                       "off: a QuantizeLinear after every quantized op", flag="--matmul-float-output")
     smoothquant: float | None = option(None, "SmoothQuant scale migration strength alpha in [0, 1] for MatMul/Gemm "
                                        "fed by a normalization (static mode)", flag="--smoothquant",
                                        minimum=0.0, maximum=1.0, metavar="ALPHA")

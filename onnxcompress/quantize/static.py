@@ -9,7 +9,10 @@ be quantized (constant float weight, not excluded, see :meth:`QuantizeInt8Pass._
 * bias (Gemm, Conv): int32 ``round(b / (s_x s_w))`` through ``DQ(b_q, s_x s_w, 0)``;
 * output: ``Q -> DQ`` with its own calibrated range. A Relu (or Clip(0, .)) that is the only reader
   of the output is removed and the output takes the Relu's range: with ``zero_point = qmin`` the
-  saturating Q computes ``max(x, 0)`` itself.
+  saturating Q computes ``max(x, 0)`` itself. Exception (``matmul_float_output``, on by default): a
+  MatMul whose output only float ops read (a bias Add, a Softmax) keeps a float output — onnxruntime
+  runs ``DQ(x), DQ(W) -> MatMul [-> Add(bias)]`` as one MatMulIntegerToFloat with the bias fused,
+  which saves a Q/DQ pair and a rounding step.
 
 Between quantized layers the chain stays integer (:mod:`onnxcompress.quantize.policy`): ops that keep
 their input's scale (Reshape, Transpose, Flatten, Squeeze, Unsqueeze, MaxPool) reuse the input's
@@ -219,6 +222,10 @@ class QuantizeInt8Pass(Pass):
         if cfg.smoothquant is not None:
             self._smooth(graph, ctx, plan, namer, base_dir)
 
+        model = ctx.model_of(graph) if ctx is not None and ctx.original is not None else None
+        # onnxruntime turns a 2-D MatMul + Add into a Gemm before its QDQ fusions, and a Gemm without
+        # an output Q stays float: a float-output MatMul is only worth it for inputs of rank >= 3
+        ranks = _ranks(model) if cfg.matmul_float_output and model is not None else {}
         qset = {id(n) for n in qnodes}
         act_qt = qtype(cfg.activation_type)
         fuse_relu = not cfg.symmetric
@@ -240,7 +247,8 @@ class QuantizeInt8Pass(Pass):
                 if id(c) in qset and any(a is t for a in _activation_inputs(c)):
                     ok = True
                 elif (c.op in policy.SAME_SCALE or c.op in policy.OWN_SCALE or policy.relu_like(c)) \
-                        and len(c.outputs) == 1 and chain_ok(c) and wants_int(c.outputs[0]):
+                        and len(c.outputs) == 1 and chain_ok(c) and not (c.op == "Add" and any(
+                            is_constant(i) for i in c.inputs)) and wants_int(c.outputs[0]):
                     ok = True
                 if ok:
                     break
@@ -265,6 +273,9 @@ class QuantizeInt8Pass(Pass):
                 continue
             if id(node) in qset:
                 kind = "own"
+                if node.op == "MatMul" and cfg.matmul_float_output and not wants_int(node.outputs[0]) \
+                        and fusible_relu(node) is None and ranks.get(node.inputs[0].name, 0) >= 3:
+                    kind = "float"
             elif node.op in policy.SAME_SCALE and node.inputs and _is_int(node.inputs[0], own, same) \
                     and all(is_constant(t) for t in node.inputs[1:] if t.name) and chain_ok(node) \
                     and wants_int(node.outputs[0]):
@@ -275,6 +286,9 @@ class QuantizeInt8Pass(Pass):
             else:
                 continue
             out = node.outputs[0]
+            if kind == "float":
+                marked.append((node, out, kind))
+                continue
             if kind == "own":
                 r = fusible_relu(node)
                 if r is not None:
@@ -293,7 +307,7 @@ class QuantizeInt8Pass(Pass):
         needed = [t.name for t in own.values()] + [t.name for t, _ in branch.values()]
 
         # calibration (streamed, batch by batch) or the cache
-        ranges, source = self._calibrate(graph, ctx, needed, base_dir, plan)
+        ranges, source = self._calibrate(model, ctx, needed, base_dir, plan)
 
         def params_of(t: gs.Tensor) -> QParams:
             while id(t) in same:
@@ -327,8 +341,11 @@ class QuantizeInt8Pass(Pass):
         for node, out, kind in marked:
             if id(node) in qset:
                 winfo = self._quantize_weights(node, qb, wqt, x_scale[id(node)])
-                plan.add(node, "qdq", "", weight=winfo)
+                plan.add(node, "qdq", "float output: only float ops read it (MatMulIntegerToFloat)"
+                         if kind == "float" else "", weight=winfo)
                 res.changed(f"{node.name}: static int8 QDQ")
+                if kind == "float":
+                    continue
             else:
                 plan.add(node, "qdq", "keeps its input's scale" if kind == "same" else "integer kernel, own range")
             qb.on_output(out, node, params_of(out))
@@ -388,7 +405,7 @@ class QuantizeInt8Pass(Pass):
             info["bias"] = "int32"
         return info
 
-    def _calibrate(self, graph, ctx, needed, base_dir, plan: Plan):
+    def _calibrate(self, model, ctx, needed, base_dir, plan: Plan):
         cfg: QuantizeInt8Config = self.config
         levels = qtype(cfg.activation_type).qmax - qtype(cfg.activation_type).qmin
         cal = Calibrator(cfg.calib_method, percentile=cfg.percentile, num_bins=cfg.num_bins, levels=levels,
@@ -401,7 +418,6 @@ class QuantizeInt8Pass(Pass):
             raise CalibrationError(f"the calibration cache {cfg.calib_cache} does not cover this model's tensors "
                                    "and no calibration data was given", where="quantize_int8",
                                    hint="pass --calib-data to recalibrate")
-        model = ctx.model_of(graph)
         feeds = ctx.feeds(model)
         stats = collect_stats(model, needed, feeds, num_bins=cfg.num_bins, max_batches=cfg.max_calib_batches,
                               base_dir=base_dir, progress=ctx.progress_bar if ctx.progress else None)
@@ -441,6 +457,22 @@ class QuantizeInt8Pass(Pass):
             info = apply_smoothing(ln, graph, namer, s.chan_absmax, cfg.smoothquant)
             plan.notes.append(f"smoothquant {info['norm']}: alpha {info['alpha']}, scales "
                               f"{info['scale_min']:.3g}..{info['scale_max']:.3g}")
+
+
+def _ranks(model) -> dict[str, int]:
+    """Tensor name -> rank, from onnx shape inference (unknown ranks are left out)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is best effort here: unknown ranks keep the default layout
+        return {}
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = len(t.shape.dim)
+    return out
 
 
 def _is_int(t: gs.Tensor, own: dict, same: dict) -> bool:
