@@ -11,6 +11,8 @@ from onnxcompress.errors import RecipeError, did_you_mean
 from onnxcompress.passes.base import Pass
 from onnxcompress.passes.cleanup import CleanupPass, DedupeInitializersPass, FoldConstantsPass
 from onnxcompress.fuse.lossless import FusePass
+from onnxcompress.fuse.low_rank import LowRankPass
+from onnxcompress.fuse.weight_sharing import ShareWeightsPass
 from onnxcompress.encode.compact import CompactStoragePass
 from onnxcompress.prune.sparsity import SparsifyPass
 from onnxcompress.quantize.static import QuantizeInt8Pass
@@ -39,6 +41,8 @@ def _pass_classes() -> tuple[type[Pass], ...]:
         QuantizeEmbeddingPass,
         ConvertFp16Pass,
         FusePass,
+        ShareWeightsPass,
+        LowRankPass,
         SparsifyPass,
         CompactStoragePass,
         PruneChannelsPass,
