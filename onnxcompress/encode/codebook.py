@@ -133,14 +133,20 @@ class CodebookValues:
 def codebook_values(values: np.ndarray, *, max_size: int = 256, probe: int = 4096,
                     rng: np.random.Generator | None = None) -> CodebookValues | None:
     """A :class:`CodebookValues` for ``values`` when they hold at most ``max_size`` distinct bit
-    patterns, else None. A random probe of ``probe`` elements rejects dense float tensors cheaply."""
+    patterns, else None.
+
+    The distinct values are guessed from a random probe of ``probe`` elements and confirmed with one
+    binary search per element (``O(n log K)``, no full sort); values the probe missed are added once.
+    """
     keys = bit_keys(values)
-    if keys.size > probe:
-        rng = rng if rng is not None else np.random.default_rng(0)
-        if np.unique(keys[rng.integers(0, keys.size, probe)]).size > max_size:
+    rng = rng if rng is not None else np.random.default_rng(0)
+    book = np.unique(keys if keys.size <= probe else keys[rng.integers(0, keys.size, probe)])
+    for _ in range(2):
+        if book.size > max_size:
             return None
-    uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    if uniq.size > max_size:
-        return None
-    bits = bits_for(int(uniq.size))
-    return CodebookValues(values[first].copy(), inverse.astype(np.uint8).ravel(), bits)
+        idx = np.minimum(np.searchsorted(book, keys), max(book.size - 1, 0))
+        missing = book[idx] != keys if book.size else np.ones(keys.size, bool)
+        if not missing.any():
+            return CodebookValues(book.view(values.dtype).copy(), idx.astype(np.uint8), bits_for(int(book.size)))
+        book = np.union1d(book, np.unique(keys[missing]))
+    return None

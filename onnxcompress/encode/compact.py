@@ -46,7 +46,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.encode.codebook import CodebookValues, RawValues, WorkArray, bit_keys, codebook_values, work_array
 from onnxcompress.encode.decoder import DecodeBuilder
-from onnxcompress.encode.packing import MIN_OPSET
+from onnxcompress.encode.packing import MIN_OPSET, packed_nbytes
 from onnxcompress.encode.sparse import BitmaskLayout, FullLayout, GapLayout, background, gap_layout, nonzero_mask
 from onnxcompress.errors import PassError
 from onnxcompress.graph.naming import Namer
@@ -121,25 +121,37 @@ class Encoding:
         return out
 
 
-def _candidates(work: WorkArray, cfg: CompactStorageConfig, rng: np.random.Generator) -> list[Encoding]:
+def _candidates(work: WorkArray, cfg: CompactStorageConfig, rng: np.random.Generator, *,
+                everything: bool = False) -> list[Encoding]:
+    """The candidate encodings of one weight.
+
+    A sparse layout is built only when its lower bound (position bytes plus 1 bit per stored entry)
+    beats the best full-layout candidate, unless ``everything`` (tests decode every candidate).
+    """
     flat = work.flat
-    layouts: list[Layout] = [FullLayout(flat.size)]
-    fill = background(flat, rng)
-    mask = nonzero_mask(flat, fill)
-    holes = flat.size - int(np.count_nonzero(mask))
-    if holes * work.itemsize_bits > flat.size:  # a bitmask costs 1 bit per element: no gain below that
-        if "bitmask" in cfg.forms:
-            layouts.append(BitmaskLayout(mask, fill))
-        if "gaps" in cfg.forms and mask.any():
-            layouts += [gap_layout(mask, g, fill) for g in sorted(set(cfg.gap_bits))]
-    out = []
-    for layout in layouts:
+    out: list[Encoding] = []
+
+    def add(layout: Layout) -> None:
         entries = layout.entries(flat)
         out.append(Encoding(work, layout, RawValues(entries, work.sub_byte_bits, work.onnx_dtype)))
         if "codebook" in cfg.forms:
             cb = codebook_values(entries, max_size=cfg.max_codebook, rng=rng)
             if cb is not None:
                 out.append(Encoding(work, layout, cb))
+
+    add(FullLayout(flat.size))
+    fill = background(flat, rng)
+    mask = nonzero_mask(flat, fill)
+    nnz = int(np.count_nonzero(mask))
+    if (flat.size - nnz) * work.itemsize_bits <= flat.size:  # a bitmask costs 1 bit per element
+        return out
+    bitmask_bound = packed_nbytes(flat.size, 1) + nnz // 8
+    if "bitmask" in cfg.forms and (everything or bitmask_bound < min(c.nbytes for c in out)):
+        add(BitmaskLayout(mask, fill))
+    if "gaps" in cfg.forms and nnz:
+        for g in sorted(set(cfg.gap_bits)):
+            if everything or nnz * (g + 1) // 8 < min(c.nbytes for c in out):
+                add(gap_layout(mask, g, fill))
     return out
 
 
