@@ -240,3 +240,10 @@ def test_fp16_on_cuda():
     x = _x((8, 32))
     got = ort.InferenceSession(out.SerializeToString(), providers=["CUDAExecutionProvider"]).run(None, {"x": x})[0]
     assert _within(builders.run(m, {"x": x})[0], got, U16, 3)
+
+
+def test_bfloat16_declines_below_opset_13():
+    m = builders.mlp((16, 32, 8), opset=11)
+    out, res = apply_pass(m, ConvertFp16Pass(ConvertFp16Config(dtype="bfloat16")))
+    assert not res.modified and any("opset >= 13" in r for r in skip_reasons(res))
+    assert set(_kinds(out).values()) == {TensorProto.FLOAT}

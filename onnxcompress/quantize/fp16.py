@@ -171,6 +171,13 @@ class ConvertFp16Pass(Pass):
         cfg: ConvertFp16Config = self.config
         res = PassResult()
         np_half, onnx_half, max_half = _HALF[cfg.dtype]
+        if cfg.dtype == "bfloat16" and (graph.opset or 0) < 13:
+            res.skip(graph.name or "graph", "fp16", f"bfloat16 needs opset >= 13 (Cast to and from bfloat16); the "
+                     f"model has opset {graph.opset}")
+            if ctx is not None:
+                ctx.note("convert_fp16: the model's opset is below 13, which has no bfloat16; nothing converted "
+                         "(use --fp16, or upgrade the model's opset)")
+            return res
         model = ctx.model_of(graph) if ctx is not None else gs.export_onnx(graph.copy(), do_type_check=False)
         st = _State(cfg, np_half, onnx_half, max_half, Namer.for_graph(graph), _tensor_types(model))
         hot = self._hot_tensors(graph, ctx, st.types, res)
