@@ -140,3 +140,23 @@ def test_bundled_transformer_keeps_accuracy_with_int4_preset():
     assert res_e.details["tables"], "the transformer's token embedding should be quantized"
     assert out.ByteSize() < 0.35 * fp32.ByteSize()
     assert datasets.digits_accuracy(out) >= datasets.digits_accuracy(fp32) - 0.02
+
+
+def test_encoder_shrinks_as_a_whole_with_int4_and_4bit_embeddings():
+    from lowbit_helpers import encoder_feeds, tiny_encoder
+
+    from onnxcompress.quantize.int4 import QuantizeInt4Config, QuantizeInt4Pass
+
+    m = tiny_encoder()
+    feeds = encoder_feeds(64)
+    ref = builders.run(m, feeds)[0]
+    mid, res_e = apply_pass(m, QuantizeEmbeddingPass(QuantizeEmbeddingConfig()))
+    out, res_q = apply_pass(mid, QuantizeInt4Pass(QuantizeInt4Config(accuracy_level=0, min_elements=0)))
+    ops = op_counts(out)
+    assert ops[GBQ] == 1 and ops["com.microsoft::MatMulNBits"] == 7  # q, k, v, o, ff1, ff2, classifier
+    assert ops["MatMul"] == 2  # attention scores and context: both inputs are activations
+    assert {s.node for s in res_q.skipped} == {"scores", "context"}
+    assert out.ByteSize() < 0.25 * m.ByteSize()
+    got = run1(out, feeds)
+    cos = float(np.sum(got * ref) / np.linalg.norm(got) / np.linalg.norm(ref))
+    assert cos > 0.97  # random weights, 4-bit everywhere: measured 0.989

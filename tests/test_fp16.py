@@ -247,3 +247,23 @@ def test_bfloat16_declines_below_opset_13():
     out, res = apply_pass(m, ConvertFp16Pass(ConvertFp16Config(dtype="bfloat16")))
     assert not res.modified and any("opset >= 13" in r for r in skip_reasons(res))
     assert set(_kinds(out).values()) == {TensorProto.FLOAT}
+
+
+def test_encoder_with_attention_mask_bias():
+    """The exported-mask trap: −3.4e38 · (1 − mask) must not reach a float16 tensor that is summed."""
+    from lowbit_helpers import encoder_feeds, tiny_encoder
+
+    m = tiny_encoder()
+    feeds = encoder_feeds(32)
+    ref = builders.run(m, feeds)[0]
+    out, res = apply_pass(m, ConvertFp16Pass(ConvertFp16Config()))
+    by_node = {s.node: s.reason for s in res.skipped}
+    assert "overflows float16" in by_node["mask_bias"]
+    got = run1(out, feeds)
+    assert np.all(np.isfinite(got)) and _within(ref, got, U16, 12)
+    # with data the range check also keeps the masked scores and the Softmax in float32
+    out, res = apply_pass(m, ConvertFp16Pass(ConvertFp16Config()), data=[encoder_feeds(16, seed=1)])
+    by_node = {s.node: s.reason for s in res.skipped}
+    assert "exceeds the float16 range" in by_node["softmax"]
+    assert res.details["half_nodes"] == 21
+    assert _within(ref, run1(out, feeds), U16, 12)

@@ -192,7 +192,7 @@ class ConvertFp16Pass(Pass):
                 reason = self._may_convert(node, st, hot, probe)
                 if reason.startswith("weight"):
                     weight_bad.add(id(node))
-                if node.op == "Constant":
+                if node.op in ("Constant", "Cast"):  # weights; Casts are retargeted below
                     continue
                 if reason:
                     res.skip(node.name or node.op, "fp16", reason)
