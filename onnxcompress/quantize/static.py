@@ -57,6 +57,8 @@ __all__ = ["QuantizeInt8Pass"]
 
 log = logging.getLogger(__name__)
 
+#: per-channel QuantizeLinear/DequantizeLinear (axis) need opset 13
+MIN_OPSET = 13
 STATIC_HINT = "give calibration data (--calib-data calib.npz, samples stacked on axis 0) for the faster static form"
 
 
@@ -131,8 +133,20 @@ class QuantizeInt8Pass(Pass):
         if mode == "static" and not has_data and not cached:
             raise CalibrationError("static int8 needs calibration data", where="quantize_int8",
                                    hint="pass --calib-data calib.npz (or data= in the API), or use --int8-mode dynamic")
-        plan = Plan(mode, cfg.calib_method if mode == "static" else "")
         namer = Namer.for_graph(graph)
+        opset = int(graph.opset or 0)
+        if opset < MIN_OPSET:
+            plan = Plan("storage")
+            why = (f"the model's opset {opset} is below {MIN_OPSET} (per-channel QuantizeLinear): weights stored as "
+                   "int8, decoded at load (size only)")
+            self._dynamic(graph, graph_list=list(iter_graphs(graph)), res=res, plan=plan, namer=namer, why=why,
+                          storage_only=True)
+            if ctx is not None:
+                ctx.note(f"int8: {why}; convert the model to opset {MIN_OPSET}+ (onnx.version_converter) for int8 "
+                         "kernels")
+            res.details = {"plan": plan.to_dict()}
+            return res
+        plan = Plan(mode, cfg.calib_method if mode == "static" else "")
         if mode == "static":
             self._static(graph, ctx, res, plan, namer)
             if ctx is not None:
@@ -148,7 +162,8 @@ class QuantizeInt8Pass(Pass):
 
     # dynamic ----------------------------------------------------------------------------------------
 
-    def _dynamic(self, graph: gs.Graph, *, graph_list, res: PassResult, plan: Plan, namer: Namer, why: str = "") -> None:
+    def _dynamic(self, graph: gs.Graph, *, graph_list, res: PassResult, plan: Plan, namer: Namer, why: str = "",
+                 storage_only: bool = False) -> None:
         cfg: QuantizeInt8Config = self.config
         wqt = qtype(cfg.weight_type)
         weighted = [(n, g) for g in graph_list for n in list(g.nodes) if n.op in policy.QUANTIZED]
@@ -156,7 +171,11 @@ class QuantizeInt8Pass(Pass):
         for node, g in weighted:
             gname = g.name if g is not graph else ""
             reason = self._excluded(node) or ("first or last layer (--keep-first-last)" if id(node) in skip_ends else None)
-            if reason is None and node.op in ("MatMul", "Gemm"):
+            if reason is None and storage_only:
+                reason = self._weight_storage(node, g, namer, plan, res, why, gname)
+                if reason is None:
+                    continue
+            elif reason is None and node.op in ("MatMul", "Gemm"):
                 reason = dynamic_check(node, g)
                 if reason is None:
                     name = node.name
@@ -165,7 +184,7 @@ class QuantizeInt8Pass(Pass):
                     res.changed(f"{name}: dynamic int8")
                     continue
             elif reason is None and cfg.conv_storage:
-                reason = self._conv_storage(node, g, namer, plan, res, why, gname)
+                reason = self._weight_storage(node, g, namer, plan, res, why, gname)
                 if reason is None:
                     continue
             elif reason is None:
@@ -173,13 +192,13 @@ class QuantizeInt8Pass(Pass):
             res.skip(node.name or node.op, "quantize_int8", reason)
             plan.nodes.append(_entry(node.name, node.op, "float", reason, None, gname))
 
-    def _conv_storage(self, node, g, namer, plan, res, why, gname) -> str | None:
+    def _weight_storage(self, node, g, namer, plan, res, why, gname) -> str | None:
         from onnxcompress.graph.query import weight_ref
 
         w = weight_ref(node.inputs[1], g) if len(node.inputs) > 1 else None
         if w is None:
             return "its weight is not a constant"
-        reason = storage_check(w, ("Conv", "ConvTranspose"), self.config.min_elements)
+        reason = storage_check(w, tuple(policy.QUANTIZED), self.config.min_elements)
         if reason:
             return reason
         enc = encode_weight(g, namer, w.values, base=w.name, bits="int8", axis=weight_axis(node, len(w.shape)))

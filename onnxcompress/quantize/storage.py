@@ -16,8 +16,8 @@ The model decodes ``W'`` with plain ops that onnxruntime constant-folds when it 
 * int8, block-wise:  ``Cast(Q:int8[view]) -> Mul(s[view]) -> Reshape(shape)``;
 * int4 (any opset): two codes per byte, ``P = (Q[0::2] + 8) + 16 (Q[1::2] + 8)`` stored as uint8
   ``[n/2, 1]`` and decoded with integer arithmetic ``hi = P div 16``, ``lo = P - 16 hi``,
-  ``Concat(lo, hi) -> Reshape(-1) [-> Slice] -> Sub(8) -> Cast(float) -> Reshape(view) -> Mul(s)
-  [-> Reshape(shape)]``.
+  ``Concat(lo, hi) -> Reshape(-1) [-> Concat(odd last code)] -> Sub(8) -> Cast(float) -> Reshape(view)
+  -> Mul(s) [-> Reshape(shape)]``.
 
 With graph optimizations disabled onnxruntime decodes at every run (much slower): keep the default
 optimization level. Which weights: inputs in the weight slot of the configured op types (MatMul B,
@@ -116,8 +116,8 @@ def encode_weight(graph: gs.Graph, namer: Namer, values: np.ndarray, *, base: st
     else:
         flat = q.reshape(-1).astype(np.int16) + 8
         n = flat.size
-        if n % 2:
-            flat = np.concatenate([flat, np.array([8], dtype=np.int16)])
+        tail = flat[n - 1:].astype(np.int32) if n % 2 else None  # an odd last code is stored alone
+        flat = flat[: n - (n % 2)]
         packed = (flat[0::2] + 16 * flat[1::2]).astype(np.uint8).reshape(-1, 1)
         p = node("Cast", [const(packed, "int4x2")], var("p32", np.int32), to=_onnx_type(np.int32))
         hi = node("Div", [p, const(np.array(16, np.int32), "sixteen")], var("hi", np.int32))
@@ -125,9 +125,8 @@ def encode_weight(graph: gs.Graph, namer: Namer, values: np.ndarray, *, base: st
         lo = node("Sub", [p, hi16], var("lo", np.int32))
         pairs = node("Concat", [lo, hi], var("pairs", np.int32), axis=1)
         flat_t = node("Reshape", [pairs, const(np.array([-1], np.int64), "flat_shape")], var("flat", np.int32))
-        if packed.size * 2 != n:
-            flat_t = node("Slice", [flat_t, const(np.array([0], np.int64), "start"),
-                                    const(np.array([n], np.int64), "end")], var("unpadded", np.int32))
+        if tail is not None:
+            flat_t = node("Concat", [flat_t, const(tail, "tail")], var("all", np.int32), axis=0)
         signed = node("Sub", [flat_t, const(np.array(8, np.int32), "eight")], var("signed", np.int32))
         codes = node("Cast", [signed], var("int4_cast", dtype), to=_onnx_type(dtype))
         codes = node("Reshape", [codes, const(np.array(q.shape, np.int64), "code_shape")], var("codes", dtype))
@@ -136,7 +135,7 @@ def encode_weight(graph: gs.Graph, namer: Namer, values: np.ndarray, *, base: st
         out = node("Reshape", [out, const(np.array(values.shape, np.int64), "shape")], var("decoded_r", dtype))
     graph.nodes.extend(nodes)
     decoded = (q.astype(np.float32) * scale).reshape(values.shape)
-    stored = q.size if bits == "int8" else (q.size + 1) // 2
+    stored = q.size if bits == "int8" else q.size // 2 + 4 * (q.size % 2)
     info = {"bits": bits, "axis": int(axis), "block": int(block) if view is not None else 0,
             "scales": int(scale.size), "stored_bytes": int(stored + scale.size * scale.itemsize),
             "float_bytes": int(values.nbytes),
