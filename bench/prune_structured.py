@@ -1,8 +1,8 @@
 """Structured pruning benchmark: accuracy, parameters, FLOPs, file size and CPU latency, side by side.
 
 For each digits model and each variant (``prune_channels`` at 25 / 50 % of the channels of every
-dependency group with l1, bn or activation importance, and ``merge_neurons`` at 25 / 50 %; one-shot,
-no fine-tuning) the variant is produced with ``onnxcompress.compress`` (that step only) and compared
+dependency group with l1, bn or activation importance, activation with bias correction, and
+``merge_neurons`` at 25 / 50 %; one-shot, no fine-tuning; calibration data: the digits calib split) the variant is produced with ``onnxcompress.compress`` (that step only) and compared
 against the fp32 input in the same process:
 
 * digits test accuracy (450 samples, :mod:`onnxcompress.datasets`);
@@ -53,6 +53,8 @@ def variants(kind: str) -> list[tuple[str, object]]:
             out.append((f"prune {r:.0%} bn", PruneChannelsConfig(ratio=r, importance="bn")))
         if kind != "synthetic":
             out.append((f"prune {r:.0%} activation", PruneChannelsConfig(ratio=r, importance="activation")))
+            out.append((f"prune {r:.0%} activation + bias corr.",
+                        PruneChannelsConfig(ratio=r, importance="activation", bias_correction=True)))
             out.append((f"merge {r:.0%}", MergeNeuronsConfig(ratio=r)))
     return out
 

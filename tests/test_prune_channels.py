@@ -355,3 +355,54 @@ def test_zoo_models_pruned_at_30_percent_stay_valid_and_run(name, prunable):
         assert any("mixes the channel axis" in s["reason"] for s in step["skipped"])
     y = run(out, feeds_for(out), optimize=True)[0]
     assert y.shape == (1, 1000) and np.isfinite(y).all()
+
+
+# -- bias correction ---------------------------------------------------------------------------------
+
+
+def _mean_shift(model, out, x) -> float:
+    """Largest change of an output channel's mean (over the batch and any spatial axes)."""
+    a, b = run(model, {"x": x})[0], run(out, {"x": x})[0]
+    axes = tuple(i for i in range(a.ndim) if i != 1)
+    return float(np.abs(a.mean(axes) - b.mean(axes)).max())
+
+
+def test_bias_correction_keeps_the_mean_output_on_the_calibration_data():
+    """The next layer is linear in the pruned channels, so its mean over the calibration data is
+    restored exactly (MatMul + Add bias; Gemm C; 1x1 Conv bias), and not without correction."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 16)).astype(np.float32)
+    calib = [{"x": x[i:i + 64]} for i in range(0, 256, 64)]
+    n = Net(shape=("N", 16))
+    h = n.node("Relu", [n.gemm("x", 16, 24)])
+    linear_gemm = n.model(n.gemm(h, 24, 6), ("N", 6))
+    n = Net(shape=("N", 4, 5, 5))
+    c = n.node("Relu", [n.conv("x", 4, 12, k=1)])
+    conv = n.model(n.conv(c, 12, 3, k=1), ("N", 3, 5, 5))
+    xc = rng.standard_normal((256, 4, 5, 5)).astype(np.float32)
+    cases = [(mlp((16, 32, 8), seed=1), x, calib), (linear_gemm, x, calib),
+             (conv, xc, [{"x": xc[i:i + 64]} for i in range(0, 256, 64)])]
+    for model, data, feeds in cases:
+        shifts = []
+        for bc in (False, True):
+            recipe = Recipe(steps=(PruneChannelsConfig(ratio=0.5, bias_correction=bc),), verify=VerifyConfig(enabled=False))
+            res = compress(model, recipe, data=feeds)
+            shifts.append(_mean_shift(model, res.model, data))
+        ref = float(np.abs(run(model, {"x": data})[0]).max())
+        assert shifts[1] <= 1e-5 + 1e-5 * ref and shifts[0] > 100 * shifts[1], (model.graph.node[0].op_type, shifts)
+        g = res.report.to_dict()["steps"][0]["details"]["groups"][0]
+        assert set(g["bias_corrected"].values()) == {"ok"}
+
+
+def test_bias_correction_declines_without_a_bias_and_without_data():
+    n = Net(shape=("N", 16))
+    h = n.node("Relu", [n.node("MatMul", ["x", n.weight("w1", (16, 12))])])
+    m = n.model(n.node("MatMul", [h, n.weight("w2", (12, 4))]), ("N", 4))
+    x = np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)
+    recipe = Recipe(steps=(PruneChannelsConfig(ratio=0.5, bias_correction=True),), verify=VerifyConfig(enabled=False))
+    res = compress(m, recipe, data=[{"x": x}])
+    g = res.report.to_dict()["steps"][0]["details"]["groups"][0]
+    assert g["bias_corrected"] == {"matmul3": "no bias Add after the MatMul"}
+    run(res.model, {"x": x})
+    res = compress(m, recipe)  # no data: nothing to correct with, nothing recorded
+    assert "bias_corrected" not in res.report.to_dict()["steps"][0]["details"]["groups"][0]

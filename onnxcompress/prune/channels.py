@@ -16,6 +16,16 @@ Reshape sizes. A removed channel ``c`` of a layer ``y = f(W x + b)`` changes the
 by ``x_c`` exactly: pruning channels whose producer rows and biases are all zero (so ``f(0)`` feeds
 zero weight columns, for ``f`` with ``f(0) = 0``) is lossless, and ``R = 0`` is the identity.
 
+**Bias correction** (with calibration data, ``bias_correction``): a removed channel ``c`` read by a
+next layer ``z = V x + d`` took ``V[:, c] x_c`` away; its mean part is put back into the bias,
+``d' = d + Σ_removed E[x_c] V[:, c]`` (for a Conv reader ``d'_o = d_o + Σ_c E[x_c] Σ_k W[o, c, k]``, exact
+away from the zero-padded borders). This needs a bias to add to: Gemm's C, Conv's bias, or the
+constant Add that follows a MatMul; readers without one are left as they are (listed in the plan).
+The statistics are measured once, on the unpruned model. Measured on the digits MLP (300-100): it
+helps at 25% (l1 0.967 -> 0.976) and rescues activation importance at 50% (0.31 -> 0.84), but costs
+a little with l1 at 50% (0.89 -> 0.88) and collapses the outputs toward their mean at 75%, so it is
+off by default.
+
 The plan (``details["groups"]``) lists, per group, the layers, the channel counts and the kept
 element indices per tensor name (``keep``); :func:`replay_plan` applies it to a graph with the same
 names (e.g. another checkpoint of the same architecture). ``details`` also gives parameters and
@@ -34,15 +44,23 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.errors import PreconditionError
 from onnxcompress.passes.base import Pass, PassResult, cleanup_graph
+from onnxcompress.graph.query import consumers
 from onnxcompress.prune.dependency import (
     DependencyGraph,
     Group,
     ParamWriter,
     apply_keep,
     build_dependency_graph,
+    eval_const,
     infer_dims,
 )
-from onnxcompress.prune.importance import IMPORTANCE_METHODS, activation_inputs, activation_means, unit_scores
+from onnxcompress.prune.importance import (
+    IMPORTANCE_METHODS,
+    ChannelStats,
+    activation_inputs,
+    activation_means,
+    unit_scores,
+)
 from onnxcompress.recipe import StepConfig, option
 
 __all__ = [
@@ -53,6 +71,7 @@ __all__ = [
     "model_cost",
     "replay_plan",
     "group_skip_reason",
+    "correct_biases",
 ]
 
 log = logging.getLogger("onnxcompress")
@@ -70,6 +89,8 @@ class PruneChannelsConfig(StepConfig):
                                    "activation = mean |activation| x next-layer weight norm on the calibration data",
                              flag="--prune-importance", choices=IMPORTANCE_METHODS)
     round_to: int = option(1, "keep channel counts multiples of N", flag="--round-to", minimum=1, metavar="N")
+    bias_correction: bool = option(False, "with calibration data, add the mean contribution of the removed "
+                                          "channels to the next layers' biases", flag="--prune-bias-correction")
     calib_batches: int = option(8, "calibration batches read for activation importance", minimum=1)
     exclude: tuple[str, ...] = option((), "layer (node) names whose output channels are left alone, "
                                            "with every layer coupled to them")
@@ -176,7 +197,7 @@ class PruneChannelsPass(Pass):
         model = ctx.model_of(graph)
         dg = build_dependency_graph(graph, model)
         before = model_cost(model, dg.dims)
-        method, activations = self._importance(dg, model, ctx, res)
+        method, activations = self._importance(dg, model, ctx)
         writer = ParamWriter(graph)
         plan = []
         for group in dg.groups:
@@ -197,11 +218,14 @@ class PruneChannelsPass(Pass):
                     res.skip(group.name, "prune_channels",
                              f"{len(units)} channels: none to remove at ratio {cfg.ratio} (round-to {cfg.round_to})")
                 continue
+            corrected = correct_biases(group, keep, activations, writer) \
+                if cfg.bias_correction and activations else None
             kept = apply_keep(graph, group, keep, writer)
             res.changed(f"{group.name}: kept {len(keep)} of {len(units)} channels "
                         f"({', '.join(group.layers()[:4])}{', ...' if len(group.layers()) > 4 else ''})")
             plan.append({"group": group.name, "layers": group.layers(), "channels": int(len(units)),
-                         "kept": int(len(keep)), "importance": used, "keep": kept})
+                         "kept": int(len(keep)), "importance": used, "keep": kept,
+                         **({"bias_corrected": corrected} if corrected is not None else {})})
         after = _graph_cost(graph, ctx.original.model if ctx.original is not None else None) if plan else before
         res.details = {
             "ratio": cfg.ratio, "importance": method, "round_to": cfg.round_to,
@@ -222,21 +246,71 @@ class PruneChannelsPass(Pass):
             return f"excluded by the recipe ({', '.join(sorted(excluded))})"
         return None
 
-    def _importance(self, dg: DependencyGraph, model, ctx, res: PassResult) -> tuple[str, dict | None]:
+    def _importance(self, dg: DependencyGraph, model, ctx) -> tuple[str, dict[str, ChannelStats] | None]:
+        """The importance actually used and, with calibration data, the channel statistics of
+        every tensor a next layer reads (for activation importance and bias correction)."""
         cfg = self.config
-        if cfg.importance != "activation":
+        if cfg.importance != "activation" and not cfg.bias_correction:
             return cfg.importance, None
         feeds = ctx.feeds(model)
         if feeds is None:
-            ctx.note("prune_channels: no calibration data, so channel importance is l1 instead of activation")
-            return "l1", None
+            if cfg.importance == "activation":
+                ctx.note("prune_channels: no calibration data, so channel importance is l1 instead of activation")
+                return "l1", None
+            return cfg.importance, None
         targets = {}
         for g in dg.groups:
             if g.prunable and not g.blocked:
                 targets.update({s.name: s.axis for s in activation_inputs(g)})
         if not targets:
-            return "activation", {}
-        return "activation", activation_means(model, targets, feeds, max_batches=cfg.calib_batches)
+            return cfg.importance, {}
+        return cfg.importance, activation_means(model, targets, feeds, max_batches=cfg.calib_batches)
+
+
+def correct_biases(group: Group, keep_units: np.ndarray, stats: dict[str, ChannelStats],
+                   writer: ParamWriter) -> dict[str, str]:
+    """Add ``Σ_removed E[x_c] V[:, c]`` to the bias of every next layer; ``{layer: "ok" | reason}``."""
+    done: dict[str, str] = {}
+    for p in group.params:
+        if p.role != "in" or p.space.name not in stats:
+            continue
+        node = p.node
+        if p.chunks > 1 or node.op not in ("Gemm", "MatMul", "Conv"):
+            done[node.name] = f"not for a {'grouped ' if p.chunks > 1 else ''}{node.op}"
+            continue
+        removed = np.setdiff1d(np.arange(p.space.size), group.kept_elements(p.space, keep_units))
+        if not len(removed):
+            continue
+        v = np.asarray(eval_const(node.inputs[p.slot]), dtype=np.float64)
+        rows = np.moveaxis(np.take(v, removed, axis=p.axis), p.axis, 0)
+        delta = np.tensordot(stats[p.space.name].mean[removed], rows, axes=(0, 0))
+        if node.op == "Conv":
+            delta = delta.reshape(delta.shape[0], -1).sum(axis=1)
+        done[node.name] = _add_to_bias(node, delta, writer)
+    return done
+
+
+def _add_to_bias(node: gs.Node, delta: np.ndarray, writer: ParamWriter) -> str:
+    """Add ``delta`` (one value per output channel) to the layer's existing bias."""
+    if node.op == "MatMul":
+        readers = consumers(node.outputs[0])
+        if len(readers) != 1 or readers[0].op != "Add":
+            return "no bias Add after the MatMul"
+        add = readers[0]
+        slot = next((i for i, t in enumerate(add.inputs) if t is not node.outputs[0]), None)
+        target, slot = (add, slot) if slot is not None else (add, None)
+    else:
+        target, slot = node, 2
+    if slot is None or len(target.inputs) <= slot or not target.inputs[slot].name:
+        return "the layer has no bias"
+    bias = eval_const(target.inputs[slot])
+    if bias is None or (bias.ndim and bias.shape[-1] not in (1, len(delta))) or (node.op == "Conv" and bias.ndim != 1):
+        return "the bias is not a per-channel constant"
+    new = (bias + delta).astype(bias.dtype)
+    if new.shape != bias.shape:
+        return "the bias would change shape"
+    writer.write(target, slot, new, ("bias_correction", id(node), len(writer.cache)))
+    return "ok"
 
 
 def replay_plan(graph: gs.Graph, plan: dict[str, Any] | list, *, dims: dict | None = None) -> PassResult:

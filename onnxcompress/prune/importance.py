@@ -20,16 +20,23 @@ Scores are in the order of :meth:`Group.units`.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import onnx
 
 from onnxcompress.prune.dependency import Group, eval_const
 
-__all__ = ["IMPORTANCE_METHODS", "unit_scores", "activation_inputs", "activation_means"]
+__all__ = ["IMPORTANCE_METHODS", "ChannelStats", "unit_scores", "activation_inputs", "activation_means"]
 
 IMPORTANCE_METHODS = ("l1", "l2", "bn", "activation")
+
+
+class ChannelStats(NamedTuple):
+    """Per element of a channel axis, over calibration data: ``mean |x|`` and ``mean x``."""
+
+    abs_mean: np.ndarray
+    mean: np.ndarray
 
 
 def _rows(value: np.ndarray, axis: int, power: int) -> np.ndarray:
@@ -46,7 +53,7 @@ def _accumulate(group: Group, units: np.ndarray, per_space: Iterable[tuple]) -> 
     return score
 
 
-def unit_scores(group: Group, method: str, *, activations: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
+def unit_scores(group: Group, method: str, *, activations: dict[str, ChannelStats] | None = None) -> np.ndarray | None:
     """Scores for ``group.units()``, or None when ``method`` has nothing to measure in this group
     (``bn`` without a BatchNormalization, ``activation`` without activations)."""
     units = group.units()
@@ -67,7 +74,7 @@ def unit_scores(group: Group, method: str, *, activations: dict[str, np.ndarray]
         for p in group.params:
             if p.role == "in" and p.space.name in activations and p.chunks == 1:
                 reads = np.sqrt(_rows(eval_const(p.node.inputs[p.slot]), p.axis, 2))
-                members.append((p.space, activations[p.space.name] * reads))
+                members.append((p.space, activations[p.space.name].abs_mean * reads))
         return _accumulate(group, units, members) if members else None
     raise ValueError(f"unknown importance {method!r}")
 
@@ -83,8 +90,8 @@ def activation_inputs(group: Group) -> list:
 
 
 def activation_means(model: onnx.ModelProto, targets: dict[str, int], feeds: Iterable[dict],
-                     *, max_batches: int) -> dict[str, np.ndarray]:
-    """``name -> mean |x|`` per element of ``axis`` for each target tensor, over at most
+                     *, max_batches: int) -> dict[str, ChannelStats]:
+    """``name -> ChannelStats`` per element of ``axis`` for each target tensor, over at most
     ``max_batches`` feeds, read in one onnxruntime session (graph optimizations off)."""
     import onnxruntime as ort
 
@@ -96,6 +103,7 @@ def activation_means(model: onnx.ModelProto, targets: dict[str, int], feeds: Ite
     so.log_severity_level = 3
     sess = ort.InferenceSession(exposed_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     sums: dict[str, np.ndarray] = {}
+    signed: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for i, feed in enumerate(feeds):
         if i >= max_batches:
@@ -103,7 +111,8 @@ def activation_means(model: onnx.ModelProto, targets: dict[str, int], feeds: Ite
         outs = sess.run(names, feed)
         for name, x in zip(names, outs):
             axis = targets[name] % x.ndim
-            m = np.moveaxis(np.abs(np.asarray(x, dtype=np.float64)), axis, 0).reshape(x.shape[axis], -1)
-            sums[name] = sums.get(name, 0) + m.sum(axis=1)
+            m = np.moveaxis(np.asarray(x, dtype=np.float64), axis, 0).reshape(x.shape[axis], -1)
+            sums[name] = sums.get(name, 0) + np.abs(m).sum(axis=1)
+            signed[name] = signed.get(name, 0) + m.sum(axis=1)
             counts[name] = counts.get(name, 0) + m.shape[1]
-    return {n: sums[n] / max(1, counts[n]) for n in sums}
+    return {n: ChannelStats(sums[n] / max(1, counts[n]), signed[n] / max(1, counts[n])) for n in sums}
