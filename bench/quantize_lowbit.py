@@ -1,12 +1,14 @@
 """int4 and fp16/bf16 benchmark: onnxcompress against onnxruntime's own tools, side by side in one run.
 
 int4 (block 32, per model): onnxruntime ``MatMulNBitsQuantizer`` (RTN, asymmetric, the same block
-size) and onnxcompress ``quantize_int4`` with ``rtn``, ``search`` and (digits models, calibration
-split) ``gptq``, each at accuracy_level 4 and 0, plus the whole ``--int4`` preset (embeddings
-included). fp16: onnxruntime's ``convert_float_to_float16(keep_io_types=True)`` against onnxcompress
+size) and onnxcompress ``quantize_int4`` with ``rtn``, ``search`` and (with the calibration split /
+seeded calibration feeds) ``gptq``, each at accuracy_level 4 and 0 — by default the output layer
+stays float (``keep_last``); the ``all-layers`` rows quantize it too, as onnxruntime's tool does — plus
+the whole ``--int4`` preset (embeddings included). fp16: onnxruntime's ``convert_float_to_float16(keep_io_types=True)`` against onnxcompress
 ``--fp16``, ``--fp16 --half-compute float`` and ``--bf16``. Columns: file size, task metric (digits
-accuracy on the fixed test split; for the synthetic model cosine and top-1 agreement against fp32 on
-seeded feeds), CPU latency against fp32 (one thread, batch 1 and batch 64, variants interleaved,
+accuracy on the fixed test split; for the synthetic models — a 512-1024-512 MLP and a BERT-shaped
+one-layer encoder with an exported-style attention mask, seeded random weights — cosine and top-1
+agreement against fp32 on seeded feeds), CPU latency against fp32 (one thread, batch 1 and batch 64, variants interleaved,
 median), conversion wall time, and whether the model passes ``onnx.checker`` and loads in stock
 onnxruntime (CPU EP). A last table runs both fp16 converters alone (no lossless prefix) on the traps (an If subgraph,
 Resize).
@@ -40,6 +42,7 @@ for p in (ROOT, ROOT / "tests"):
 SECTION = "quantize-int4-fp16"
 DIGITS = ("mlp", "transformer", "cnn")
 SYNTHETIC = "mlp512"  # 512-1024-512 MLP with seeded random weights (the shape the notes measured)
+ENCODER = "encoder"  # tests/lowbit_helpers.tiny_encoder: BERT-shaped, exported-style attention mask
 
 
 def _load_int8_bench():
@@ -63,6 +66,16 @@ def _synthetic(work: Path) -> dict:
     calib = [{"x": rng.standard_normal((64, 512)).astype(np.float32)} for _ in range(4)]
     return {"name": SYNTHETIC, "path": str(path), "kind": "synthetic", "calib": calib,
             "eval": {"x": rng.standard_normal((256, 512)).astype(np.float32)}}
+
+
+def _encoder(work: Path) -> dict:
+    from lowbit_helpers import encoder_feeds, tiny_encoder
+
+    path = work / f"{ENCODER}.onnx"
+    onnx.save(tiny_encoder(seed=0, vocab=1000, seq=64, d=128, ff=512), path)
+    calib = [encoder_feeds(32, seed=i, vocab=1000, seq=64) for i in range(4)]
+    return {"name": ENCODER, "path": str(path), "kind": "synthetic", "calib": calib,
+            "eval": encoder_feeds(256, seed=100, vocab=1000, seq=64)}
 
 
 def _digits(name: str) -> dict | None:
@@ -150,6 +163,8 @@ def int4_variants(case: dict) -> dict:
     v = {}
     for al in (4, 0):
         v[f"ort-rtn al{al}"] = _ort_rtn(al)
+        v[f"ours rtn all-layers al{al}"] = _ours([C(method="rtn", accuracy_level=al, keep_last=False)])
+        v[f"ours search all-layers al{al}"] = _ours([C(method="search", accuracy_level=al, keep_last=False)])
         v[f"ours rtn al{al}"] = _ours([C(method="rtn", accuracy_level=al)])
         v[f"ours search al{al}"] = _ours([C(method="search", accuracy_level=al)])
         v[f"ours gptq al{al}"] = _ours([C(method="gptq", accuracy_level=al)], data=True)
@@ -297,7 +312,8 @@ BQ = None
 def main(argv=None) -> int:
     global BQ
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="*", default=[*DIGITS, SYNTHETIC], help="mlp transformer cnn mlp512")
+    ap.add_argument("--models", nargs="*", default=[*DIGITS, SYNTHETIC, ENCODER],
+                    help="mlp transformer cnn mlp512 encoder")
     ap.add_argument("--tables", nargs="*", default=["int4", "fp16", "traps"], choices=["int4", "fp16", "traps"])
     ap.add_argument("--quick", action="store_true", help="fewer latency rounds")
     ap.add_argument("--write-docs", action="store_true")
@@ -312,7 +328,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-lowbit-") as tmp:
         work = Path(tmp)
         for name in args.models:
-            case = _synthetic(work) if name == SYNTHETIC else _digits(name)
+            case = {SYNTHETIC: _synthetic, ENCODER: _encoder}.get(name, lambda w: _digits(name))(work)
             if case is None:
                 continue
             if "int4" in args.tables and name != "cnn":

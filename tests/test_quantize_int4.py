@@ -17,6 +17,11 @@ from onnxcompress.quantize.int4 import QuantizeInt4Config, QuantizeInt4Pass, qua
 MS_NBITS = "com.microsoft::MatMulNBits"
 
 
+def _cfg(**kw) -> QuantizeInt4Config:
+    """The pass's config with every layer eligible (keep_last off), unless the test says otherwise."""
+    return QuantizeInt4Config(**{"keep_last": False, **kw})
+
+
 def _x(n: int, k: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
 
@@ -46,7 +51,7 @@ def _numpy_mlp(x, weights, deq):
 def test_structure_and_exact_dequantized_numbers(fmt, opset, symmetric):
     # K = 72 is not a multiple of the block: padding must decode to 0
     m = builders.mlp((72, 48, 10), opset=opset)
-    cfg = QuantizeInt4Config(format=fmt, method="rtn", symmetric=symmetric, accuracy_level=0, min_elements=0)
+    cfg = _cfg(format=fmt, method="rtn", symmetric=symmetric, accuracy_level=0, min_elements=0)
     out, res = apply_pass(m, QuantizeInt4Pass(cfg))
     ops = op_counts(out)
     if fmt == "matmulnbits":
@@ -72,7 +77,7 @@ def test_structure_and_exact_dequantized_numbers(fmt, opset, symmetric):
 def test_error_within_the_quantization_step_bound():
     """|y - y_fp32| <= |x| @ |W - Ŵ| (one layer, no activation): a bound from the weight steps."""
     m = builders.mlp((128, 64))
-    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method="search", accuracy_level=0)))
+    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(method="search", accuracy_level=0)))
     x = _x(32, 128, seed=3)
     w = _mlp_weights(m)["W0"]
     w_hat = quantize_blocks(w.T, 32, grid=24, min_ratio=0.55).dequant().T
@@ -88,8 +93,8 @@ def test_error_within_the_quantization_step_bound():
 def test_accuracy_level_4_stays_close_to_level_0():
     m = builders.mlp((128, 96, 10))
     x = _x(64, 128, seed=5)
-    y0 = run1(apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method="rtn", accuracy_level=0)))[0], {"x": x})
-    y4 = run1(apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method="rtn", accuracy_level=4)))[0], {"x": x})
+    y0 = run1(apply_pass(m, QuantizeInt4Pass(_cfg(method="rtn", accuracy_level=0)))[0], {"x": x})
+    y4 = run1(apply_pass(m, QuantizeInt4Pass(_cfg(method="rtn", accuracy_level=4)))[0], {"x": x})
     cos = float(np.sum(y0 * y4) / np.linalg.norm(y0) / np.linalg.norm(y4))
     assert cos > 0.999  # int8 activations inside the kernel: ~1-4% of the output std
     assert np.argmax(y0, 1).tolist() != [] and np.mean(np.argmax(y0, 1) == np.argmax(y4, 1)) > 0.9
@@ -130,7 +135,7 @@ def test_gptq_through_the_pass_with_calibration_feeds():
     ref = builders.run(m, test)[0]
     mse = {}
     for method in ("rtn", "gptq"):
-        out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method=method, accuracy_level=0)), data=calib)
+        out, res = apply_pass(m, QuantizeInt4Pass(_cfg(method=method, accuracy_level=0)), data=calib)
         assert {layer["method"] for layer in res.details["layers"]} == {method}
         mse[method] = float(np.mean((run1(out, test) - ref) ** 2))
     assert mse["gptq"] < 0.8 * mse["rtn"]
@@ -158,7 +163,7 @@ def _gemm_model(*, trans_b: int, alpha: float, beta: float, bias_shape, trans_a:
                                                           (1, 2.0, 1.0, None), (0, 1.0, 0.5, (1,))])
 def test_gemm_forms_fold_into_matmulnbits(trans_b, alpha, beta, bias_shape):
     m = _gemm_model(trans_b=trans_b, alpha=alpha, beta=beta, bias_shape=bias_shape)
-    cfg = QuantizeInt4Config(method="rtn", accuracy_level=0, symmetric=bias_shape == (1,))
+    cfg = _cfg(method="rtn", accuracy_level=0, symmetric=bias_shape == (1,))
     out, res = apply_pass(m, QuantizeInt4Pass(cfg))
     assert op_counts(out) == {MS_NBITS: 1}
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
@@ -175,7 +180,7 @@ def test_gemm_forms_fold_into_matmulnbits(trans_b, alpha, beta, bias_shape):
 ])
 def test_gemm_declines(kwargs, reason):
     m = _gemm_model(**kwargs)
-    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config()))
+    out, res = apply_pass(m, QuantizeInt4Pass(_cfg()))
     assert op_counts(out) == {"Gemm": 1}
     assert any(reason in r for r in skip_reasons(res))
 
@@ -196,7 +201,7 @@ def test_declines_shared_with_other_op_nonconstant_graph_output_and_small():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 4])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
-    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(min_elements=64)))
+    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(min_elements=64)))
     assert op_counts(out)["MatMul"] == 3 and MS_NBITS not in op_counts(out)
     by_node = {s.node: s.reason for s in res.skipped}
     assert "also read by Add" in by_node["mm_shared"]
@@ -215,7 +220,7 @@ def test_weight_shared_by_two_matmuls_is_quantized_once():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], [w])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
-    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method="rtn", accuracy_level=0)))
+    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(method="rtn", accuracy_level=0)))
     assert op_counts(out)[MS_NBITS] == 2
     assert sum(t.data_type == TensorProto.UINT8 and len(t.dims) == 3 for t in out.graph.initializer) == 1
     assert [layer["method"] for layer in res.details["layers"]] == ["rtn", "shared"]
@@ -223,10 +228,10 @@ def test_weight_shared_by_two_matmuls_is_quantized_once():
 
 def test_excluded_by_name_and_qdq_below_opset_21():
     m = builders.mlp((64, 64, 10))
-    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(exclude=("MatMul_1",), min_elements=0)))
+    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(exclude=("MatMul_1",), min_elements=0)))
     assert op_counts(out)[MS_NBITS] == 1 and op_counts(out)["MatMul"] == 1
     assert "excluded by name" in skip_reasons(res)
-    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(format="qdq", min_elements=0)))
+    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(format="qdq", min_elements=0)))
     assert "DequantizeLinear" not in op_counts(out)
     assert all("opset >= 21" in r for r in skip_reasons(res))
 
@@ -235,7 +240,7 @@ def test_excluded_by_name_and_qdq_below_opset_21():
 def test_constant_node_and_if_subgraph_weights(variant):
     base = builders.mlp((64, 96, 10))
     m = builders.with_constant_nodes(base) if variant == "constant_nodes" else builders.with_if_subgraph(base)
-    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method="rtn", accuracy_level=0)))
+    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(method="rtn", accuracy_level=0)))
     ops = op_counts(out)
     n_expect = 2 if variant == "constant_nodes" else 4  # both If branches hold a copy
     assert ops[MS_NBITS] == n_expect and ops["MatMul"] == 0
@@ -270,9 +275,19 @@ def test_cuda_provider_runs_matmulnbits():
     import onnxruntime as ort
 
     m = builders.mlp((64, 64, 10))
-    out, _ = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(method="rtn")))
+    out, _ = apply_pass(m, QuantizeInt4Pass(_cfg(method="rtn")))
     x = _x(8, 64)
     sess = ort.InferenceSession(out.SerializeToString(), providers=["CUDAExecutionProvider"])
     y = sess.run(None, {"x": x})[0]
     ref = run1(out, {"x": x})
     assert float(np.sum(y * ref) / np.linalg.norm(y) / np.linalg.norm(ref)) > 0.999
+
+
+def test_output_layer_stays_float_by_default():
+    m = builders.mlp((64, 96, 10))
+    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(min_elements=0)))
+    assert op_counts(out)[MS_NBITS] == 1 and op_counts(out)["MatMul"] == 1
+    assert {s.node: s.reason for s in res.skipped} == {"MatMul_1": "the output layer stays float (keep_last)"}
+    # in If branches each branch's output layer is found too
+    out, res = apply_pass(builders.with_if_subgraph(m), QuantizeInt4Pass(QuantizeInt4Config(min_elements=0)))
+    assert op_counts(out)[MS_NBITS] == 2 and op_counts(out)["MatMul"] == 2

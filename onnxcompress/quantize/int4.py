@@ -36,7 +36,9 @@ half the fp32 latency at batch 1, ~3.5% of the output std of extra error); 0 com
 (exact up to the 4-bit weights, 1.1–1.3× slower than fp32). The default is 4; see
 docs/benchmarks.md (quantize-int4-fp16) for the measured accuracy of both.
 
-**May I?** MatMul with a constant float32 rank-2 B and a non-constant A; Gemm with transA = 0 and a
+**May I?** Not the output layer (``keep_last``, default on: a classifier or lm_head is small and
+the most sensitive layer, so it stays float as GPTQ/AWQ tools keep it). MatMul with a constant float32
+rank-2 B and a non-constant A; Gemm with transA = 0 and a
 bias C that is a constant vector (or absent). A weight read by other nodes is quantized once and
 shared only when every reader is such a MatMul/Gemm reading it the same way; a weight that is a graph
 output, too small (``min_elements``) or excluded by name stays float (a Skip with the reason).
@@ -55,7 +57,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxcompress.errors import RecipeError
 from onnxcompress.graph.naming import Namer
-from onnxcompress.graph.query import const_value, is_constant, is_graph_io, iter_nodes, weight_ref
+from onnxcompress.graph.query import const_value, is_constant, is_graph_io, iter_graphs, iter_nodes, weight_ref
 from onnxcompress.graph.rewrite import disconnect
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.recipe import StepConfig, option
@@ -250,6 +252,9 @@ class QuantizeInt4Config(StepConfig):
     min_elements: int = option(256, "weights with fewer elements stay float", minimum=0)
     exclude: tuple[str, ...] = option((), "node-name patterns (fnmatch) kept in float", flag="--int4-exclude",
                                       metavar="PATTERNS")
+    keep_last: bool = option(True, "keep the output layer (a MatMul/Gemm from which a graph output is reached "
+                             "without another MatMul/Gemm/Conv: a classifier, an lm_head) in float, as GPTQ/AWQ "
+                             "tools do", flag="--int4-keep-last")
 
     def validate(self) -> None:
         if self.method == "gptq" and self.format not in ("matmulnbits", "qdq"):  # pragma: no cover
@@ -311,6 +316,30 @@ def _check_target(node: gs.Node, graph: gs.Graph, cfg: QuantizeInt4Config) -> tu
     return _Target(node, graph, np.ascontiguousarray(w), bias, b), ""
 
 
+_LAYER_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits", "MatMulInteger")
+
+
+def output_layers(graph: gs.Graph) -> set[int]:
+    """ids of the MatMul/Gemm nodes from which an output of their (sub)graph is reached without
+    passing another layer (MatMul, Gemm, Conv ...): the output layers."""
+    found: set[int] = set()
+    for g in iter_graphs(graph):
+        seen: set[int] = set()
+        stack = [t for t in g.outputs]
+        while stack:
+            t = stack.pop()
+            for p in t.inputs:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if p.op in _LAYER_OPS:
+                    if p.op in ("MatMul", "Gemm"):
+                        found.add(id(p))
+                    continue
+                stack.extend(x for x in p.inputs if not isinstance(x, gs.Constant))
+    return found
+
+
 def _orientation(node: gs.Node) -> str:
     return "T" if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else "N"
 
@@ -342,8 +371,12 @@ class QuantizeInt4Pass(Pass):
         res = PassResult()
         namer = Namer.for_graph(graph)
         targets: list[_Target] = []
+        last = output_layers(graph) if cfg.keep_last else set()
         for node, g in iter_nodes(graph):
             if node.op not in ("MatMul", "Gemm") or (node.domain or "") not in ("", "ai.onnx"):
+                continue
+            if id(node) in last:
+                res.skip(node.name or node.op, "int4", "the output layer stays float (keep_last)")
                 continue
             t, reason = _check_target(node, g, cfg)
             if t is None:
