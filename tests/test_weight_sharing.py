@@ -77,6 +77,7 @@ def test_codebook_bits_and_channel_groups():
     out_g, res_g = share(m, codebook_bits=2, channel_groups=8, min_size=512)
     rec1, rec8 = res2.details["tensors"]["fc0.weight"], res_g.details["tensors"]["fc0.weight"]
     assert rec8["groups"] == 8 and rec8["axis"] == 1 and rec8["rel_error"] < rec1["rel_error"]
+    assert rec8["bits_per_group"] == 2 and rec8["bits"] == 5     # one tensor-wide codebook: 32 values
     w = weights(out_g)["fc0.weight"]
     for cols in np.array_split(np.arange(w.shape[1]), 8):
         assert np.unique(w[:, cols]).size <= 4

@@ -29,7 +29,9 @@ values); ``compact_storage`` (``onnxcompress.encode``) later stores such a tenso
 packed ``ceil(log2 K)``-bit indices decoded by ``Gather(codebook, Cast(indices))``, which
 onnxruntime folds at load: the file shrinks to about ``bits / 32`` of fp32 and speed is unchanged.
 
-``details["tensors"][name]`` records per weight: clusters used, bits per weight, groups and axis,
+``details["tensors"][name]`` records per weight: clusters used, bits per weight (``bits``: with one
+codebook for the whole tensor, as compact storage writes it — ``G`` groups of ``K`` values need
+``ceil(log2(G K))`` bits there; ``bits_per_group``: with a codebook per group), groups and axis,
 relative reconstruction error ``||W - W'|| / ||W||``, max abs error, whether zero was pinned, and the
 codebooks (when small), so the plan can be replayed.
 """
@@ -178,6 +180,11 @@ def _input_importance(ref: WeightRef, stats: dict[int, object] | None) -> np.nda
     return imp + 1e-8 * float(np.max(imp, initial=0) or 1.0)
 
 
+def _bits(n: int) -> int:
+    """Index bits for ``n`` values in one codebook."""
+    return int(math.ceil(math.log2(max(n, 2))))
+
+
 class ShareWeightsPass(Pass):
     config_cls = ShareWeightsConfig
     lossless = False
@@ -208,8 +215,8 @@ class ShareWeightsPass(Pass):
             total += ref.size
             shared += 1
             bits_sum += rec["bits"] * ref.size
-            res.changed(f"{ref.name} {list(ref.shape)}: {rec['clusters']} shared values "
-                        f"({rec['bits']} bits), rel. error {rec['rel_error']:.3g}")
+            res.changed(f"{ref.name} {list(ref.shape)}: {rec['clusters']} shared values per group x "
+                        f"{rec['groups']} ({rec['bits']} bits), rel. error {rec['rel_error']:.3g}")
         res.details = {"clusters": k, "channel_groups": cfg.channel_groups, "weights_shared": shared,
                        "parameters_shared": total,
                        "mean_bits": round(bits_sum / total, 3) if total else None,
@@ -245,9 +252,11 @@ class ShareWeightsPass(Pass):
         new = np.moveaxis(out, 0, axis) if w.ndim else out.reshape(w.shape)
         ref.constant.values = np.ascontiguousarray(new.astype(w.dtype))
         used = max(len(b) for b in books)
+        distinct = int(np.unique(ref.constant.values).size)
         err = new.astype(np.float64) - w.astype(np.float64)
         norm = float(np.linalg.norm(w.astype(np.float64)))
-        rec = {"shape": list(w.shape), "clusters": int(used), "bits": int(math.ceil(math.log2(max(used, 2)))),
+        rec = {"shape": list(w.shape), "clusters": int(used), "distinct": distinct,
+               "bits": _bits(distinct), "bits_per_group": _bits(used),
                "groups": len(books), "axis": int(axis), "zero_pinned": pinned,
                "rel_error": float(np.linalg.norm(err) / norm) if norm else 0.0,
                "max_abs_error": float(np.max(np.abs(err))),
