@@ -257,6 +257,7 @@ def test_digits_mlp_accuracy_not_below_onnxruntime_rtn(tmp_path):
         path = datasets.bundled_model_path("mlp")
     except Exception as e:  # the bundled models are built by another step
         pytest.skip(f"bundled digits MLP not available: {e}")
+    pytest.importorskip("onnx_ir", reason="onnxruntime's MatMulNBitsQuantizer needs onnx-ir")
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     fp32 = onnx.load(path)

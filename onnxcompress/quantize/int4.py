@@ -55,7 +55,6 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxcompress.errors import RecipeError
 from onnxcompress.graph.naming import Namer
 from onnxcompress.graph.query import const_value, is_constant, is_graph_io, iter_graphs, iter_nodes, weight_ref
 from onnxcompress.graph.rewrite import disconnect
@@ -255,10 +254,6 @@ class QuantizeInt4Config(StepConfig):
     keep_last: bool = option(True, "keep the output layer (a MatMul/Gemm from which a graph output is reached "
                              "without another MatMul/Gemm/Conv: a classifier, an lm_head) in float, as GPTQ/AWQ "
                              "tools do", flag="--int4-keep-last")
-
-    def validate(self) -> None:
-        if self.method == "gptq" and self.format not in ("matmulnbits", "qdq"):  # pragma: no cover
-            raise RecipeError("gptq needs a 4-bit format", where="recipe, quantize_int4")
 
 
 @dataclass
