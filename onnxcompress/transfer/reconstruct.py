@@ -59,7 +59,7 @@ from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.recipe import StepConfig, option
 
 __all__ = ["DistillConfig", "DistillPass", "Layer", "find_layers", "im2col", "solve_masked",
-           "snap_to_codebook"]
+           "snap_to_codebook", "snap_with_feedback"]
 
 log = logging.getLogger("onnxcompress")
 
@@ -79,7 +79,10 @@ class DistillConfig(StepConfig):
     max_samples: int = option(2048, "calibration samples used (first-dimension rows of the feeds)",
                               flag="--distill-samples", minimum=1)
     ops: tuple[str, ...] = option(LAYER_OPS, "layer types refitted, comma separated", choices=LAYER_OPS)
-    bias_correction: bool = option(True, "re-solve the bias after snapping weights back to their codebook or grid")
+    bias_correction: bool = option(True, "re-solve the bias after snapping weights back to their codebook or grid "
+                                         "(without error feedback)")
+    error_feedback: bool = option(True, "snap to the codebook / grid one input at a time, moving each rounding "
+                                        "error onto the inputs not yet snapped and the bias (GPTQ-style)")
     codebook_iters: int = option(3, "Lloyd iterations that move a shared layer's centres to the refitted weights "
                                     "before snapping", minimum=0)
     max_codebook: int = option(256, "a weight with at most this many distinct non-zero values is treated as shared "
@@ -310,6 +313,48 @@ def solve_masked(gram: np.ndarray, cross: np.ndarray, mask: np.ndarray, *, ridge
     return out
 
 
+def snap_with_feedback(gram: np.ndarray, wb: np.ndarray, mask: np.ndarray, snap, *, ridge: float,
+                       bias: bool) -> np.ndarray:
+    """Snap the float solution ``wb`` [O, d+1] to a grid with optimal error feedback, row by row.
+
+    For one output over its kept inputs ``S`` (and the bias, last and never snapped), with
+    ``H = G_SS + λI`` and ``U`` the upper Cholesky factor of ``H⁻¹``, the inputs are snapped in
+    order: ``q_k = snap(w_k)``, ``e = (w_k − q_k) / U_kk``, ``w_j −= e·U_kj`` for ``j > k`` — each
+    rounding error moves onto the not-yet-snapped inputs and the bias so that ``‖[A 1]w − t‖²`` grows
+    least (OBQ / GPTQ, Frantar et al. 2022). ``snap(values, cols)`` puts values of columns ``cols``
+    on the grid.
+    """
+    d = gram.shape[0] - 1
+    lam = ridge * float(np.mean(np.diag(gram)[:d])) if d else 0.0
+    out = np.zeros_like(wb)
+    for o in range(wb.shape[0]):
+        cols = np.flatnonzero(mask[o])
+        idx = np.append(cols, d) if bias else cols
+        if cols.size == 0:
+            out[o, idx] = wb[o, idx]
+            continue
+        h = gram[np.ix_(idx, idx)].copy()
+        reg = np.full(idx.size, lam)
+        if bias:
+            reg[-1] = 0.0
+        h[np.diag_indices_from(h)] += reg + 1e-9 * max(1.0, float(np.abs(np.diag(h)).max()))
+        try:
+            u = np.linalg.cholesky(np.linalg.inv(h)).T
+        except np.linalg.LinAlgError:
+            out[o, cols] = snap(wb[o, cols][None, :], (np.full(cols.size, o), cols))[0]
+            if bias:
+                out[o, d] = wb[o, d]
+            continue
+        w = wb[o, idx].copy()
+        for k in range(cols.size):
+            q = snap(w[k:k + 1][None, :], (np.array([o]), cols[k:k + 1]))[0, 0]
+            e = (w[k] - q) / u[k, k]
+            w[k + 1:] -= e * u[k, k + 1:]
+            w[k] = q
+        out[o, idx] = w
+    return out
+
+
 def _sq_error(wb: np.ndarray, gram: np.ndarray, cross: np.ndarray, tt: np.ndarray) -> float:
     """``Σ_o ‖[A 1]·wb_o − t_o‖²`` from the sums."""
     return float(np.einsum("od,de,oe->", wb, gram, wb) - 2 * np.einsum("od,do->", wb, cross) + tt.sum())
@@ -495,11 +540,14 @@ class DistillPass(Pass):
         old = np.concatenate([rows, (bias if bias is not None else np.zeros(rows.shape[0]))[:, None]], axis=1)
         err_before = _sq_error(old, st.gram, st.cross, st.tt)
         new = solve_masked(st.gram, st.cross, mask, ridge=cfg.ridge, bias=bias is not None)
-        grid = self._snap(layer, graph, new[:, :-1], mask)
-        new[:, :-1] = grid
-        if bias is not None and cfg.bias_correction:
-            # b_o = (Σ t_o − Σ_rows a·w_o) / N, with the last row of the Gram holding Σ a
-            new[:, -1] = (st.cross[-1] - new[:, :-1] @ st.gram[-1, :-1]) / st.gram[-1, -1]
+        grid = self._grid(layer, graph, new[:, :-1], mask)
+        if grid is not None and cfg.error_feedback:
+            new = snap_with_feedback(st.gram, new, mask, grid, ridge=cfg.ridge, bias=bias is not None)
+        elif grid is not None:
+            new[:, :-1] = np.where(mask, grid(new[:, :-1]), 0.0)
+            if bias is not None and cfg.bias_correction:
+                # b_o = (Σ t_o − Σ_rows a·w_o) / N, with the last row of the Gram holding Σ a
+                new[:, -1] = (st.cross[-1] - new[:, :-1] @ st.gram[-1, :-1]) / st.gram[-1, -1]
         err_after = _sq_error(new, st.gram, st.cross, st.tt)
         rec = {"node": layer.name, "tensor": layer.weight.name, "target": layer.target.name,
                "error_before": err_before / st.rows, "error_after": err_after / st.rows,
@@ -516,35 +564,45 @@ class DistillPass(Pass):
                     f"{rec['error_after']:.3g}")
         return rec
 
-    def _snap(self, layer: Layer, graph: gs.Graph, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Put refitted float rows back on the layer's codebook or integer grid."""
+    def _grid(self, layer: Layer, graph: gs.Graph, rows: np.ndarray, mask: np.ndarray):
+        """The layer's grid as ``snap(values [O, d]) -> values on the grid``, or None (a float layer).
+
+        Integer grid: ``(clip(round(w/scale + zp)) − zp)·scale`` per element. Codebook: Lloyd
+        iterations from the old centres on the refitted kept values, then the nearest centre.
+        """
         cfg: DistillConfig = self.config
         if layer.dq is not None:
             _, scale, zp = _dq_float(layer.dq, graph)
-            q = np.asarray(weight_ref(layer.dq.inputs[0], graph).values)
-            info = np.iinfo(q.dtype)
-            w = _from_rows(rows, layer.kind, q.shape)
-            qn = np.clip(np.round(w / scale + zp), info.min, info.max)
-            qn = np.where(_from_rows(mask, layer.kind, q.shape), qn, q)
-            layer.notes["grid"] = f"{q.dtype} grid"
-            layer.notes["q"] = qn.astype(q.dtype)
-            return _to_rows((qn - zp) * scale, layer.kind)
+            info = np.iinfo(np.asarray(weight_ref(layer.dq.inputs[0], graph).values).dtype)
+            s_rows, z_rows = _to_rows(scale, layer.kind), _to_rows(zp, layer.kind)
+            layer.notes["grid"] = f"{info.dtype} grid"
+
+            def snap_int(v: np.ndarray, cols=None) -> np.ndarray:
+                sc, z = (s_rows, z_rows) if cols is None else (s_rows[cols], z_rows[cols])
+                return (np.clip(np.round(v / sc + z), info.min, info.max) - z) * sc
+            return snap_int
         old = _to_rows(_current_weight(layer, graph), layer.kind)
         kept = old[mask]
         centres = np.unique(kept)
-        if 0 < centres.size <= cfg.max_codebook and centres.size < kept.size:
-            snapped, c = snap_to_codebook(rows[mask], centres, cfg.codebook_iters)
-            out = np.zeros_like(rows)
-            out[mask] = snapped
-            layer.notes["grid"] = f"codebook K={c.size}"
-            return out
-        layer.notes["grid"] = "float"
-        return np.where(mask, rows, 0.0)
+        if not (0 < centres.size <= cfg.max_codebook and centres.size < kept.size):
+            layer.notes["grid"] = "float"
+            return None
+        _, c = snap_to_codebook(rows[mask], centres, cfg.codebook_iters)
+        mids = (c[1:] + c[:-1]) / 2
+        layer.notes["grid"] = f"codebook K={c.size}"
+
+        def snap_book(v: np.ndarray, cols=None) -> np.ndarray:
+            return c[np.searchsorted(mids, v)]
+        return snap_book
 
     @staticmethod
     def _write(layer: Layer, graph: gs.Graph, new: np.ndarray, shape: tuple[int, ...], has_bias: bool) -> None:
         if layer.dq is not None:
-            _set_const(layer.dq.inputs[0], graph, layer.notes.pop("q"))
+            _, scale, zp = _dq_float(layer.dq, graph)
+            q = np.asarray(weight_ref(layer.dq.inputs[0], graph).values)
+            info = np.iinfo(q.dtype)
+            w = _from_rows(new[:, :-1], layer.kind, q.shape)
+            _set_const(layer.dq.inputs[0], graph, np.clip(np.round(w / scale + zp), info.min, info.max).astype(q.dtype))
         else:
             _set_const(layer.weight, graph, _from_rows(new[:, :-1], layer.kind, shape))
         if has_bias:
