@@ -11,7 +11,8 @@ For each (model, recipe) the outcome is one of
                or seeded random feeds; lossy presets within their own parity policy (compress()'s
                verification, fed the same inputs);
 * ``n/a``      the pass had nothing to do here (graph unchanged, no skip);
-* ``declined`` the pass refused with a reason (a PreconditionError, or unchanged with skips);
+* ``declined`` the pass refused with a reason (a PreconditionError, or unchanged with skips), or a
+               lossy preset refused the model's own test inputs as calibration data (NaN, empty);
 * ``FAIL``     anything else: an exception, an invalid model, a load failure, a parity failure.
 
 Separately, ``matches .pb`` says whether the compressed model also reproduces the test data's
@@ -50,7 +51,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import onnxcompress as oc  # noqa: E402
-from onnxcompress.errors import OnnxCompressError, PreconditionError  # noqa: E402
+from onnxcompress.errors import CalibrationError, OnnxCompressError, PreconditionError  # noqa: E402
 from onnxcompress.recipe import Recipe, VerifyConfig  # noqa: E402
 
 DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
@@ -265,6 +266,8 @@ def run_case(case: Case, recipe: Recipe, tmp: Path) -> Outcome:
             result = oc.compress(case.source, recipe, data=feeds)
     except PreconditionError as e:
         return Outcome("declined", str(e), seconds=time.perf_counter() - t0)
+    except CalibrationError as e:  # the model's own test inputs are not usable calibration data (NaN, empty)
+        return Outcome("declined", f"calibration data refused: {e}", seconds=time.perf_counter() - t0)
     except OnnxCompressError as e:
         return Outcome("FAIL", f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
     except Exception as e:  # a crash is what this sweep exists to find

@@ -561,7 +561,13 @@ def save(
         _check_destination(data_path, protected, where)
     # Work on a copy of the message tree but without copying large payloads twice: we swap the
     # payloads of the copy as we stream them.
-    work = copy.deepcopy(model) if not external_data else _copy_without_payloads(model)
+    # An inline save of a model with no external tensors serializes the caller's model as it is.
+    if external_data:
+        work = _copy_without_payloads(model)
+    elif any(_is_external(t) for t, _ in iter_tensor_protos(model.graph)):
+        work = copy.deepcopy(model)
+    else:
+        work = model
     tmp_files: list[Path] = []
     try:
         if external_data:

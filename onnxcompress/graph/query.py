@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 __all__ = [
     "WeightRef",
@@ -27,6 +28,7 @@ __all__ = [
     "producer",
     "consumers",
     "const_value",
+    "peek_values",
     "is_constant",
     "is_graph_io",
     "only_consumer",
@@ -82,6 +84,17 @@ def const_value(t: gs.Tensor) -> np.ndarray | None:
     if p is not None and p.op == "Constant":
         return _constant_node_value(p)
     return None
+
+
+def peek_values(t: gs.Constant) -> np.ndarray:
+    """The values of a constant without keeping them in the graph.
+
+    ``Constant.values`` caches what it loads, so a pass that only looks at every weight once
+    (hashing, statistics) would end up holding the whole model in memory; this reads lazy (external)
+    values and lets them go, so such passes stream tensor by tensor.
+    """
+    v = t._values
+    return v.load() if isinstance(v, LazyValues) else v
 
 
 def is_constant(t: gs.Tensor) -> bool:

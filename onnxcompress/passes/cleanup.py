@@ -39,6 +39,7 @@ from onnxcompress.graph.query import (
     is_constant,
     is_graph_io,
     iter_graphs,
+    peek_values,
     producer,
 )
 from onnxcompress.graph.rewrite import disconnect, replace_all_uses, replace_output
@@ -155,7 +156,7 @@ class DedupeInitializersPass(Pass):
                     continue
                 first_by_hash: dict[str, gs.Constant] = {}
                 for t in group:
-                    arr = np.ascontiguousarray(t.values)
+                    arr = np.ascontiguousarray(peek_values(t))  # streamed: not kept in the graph
                     h = hashlib.sha256(arr.tobytes()).hexdigest()
                     keep = first_by_hash.setdefault(h, t)
                     if keep is t:
