@@ -19,15 +19,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_corpus", ROOT / "bench" / "corpus.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_corpus"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def load_bench(name: str):
+    """Import ``bench/<name>.py`` (bench/ is scripts, not a package) as module ``bench_<name>``."""
+    key = f"bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "bench" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
 
 
-corpus = _load_bench()
+corpus = load_bench("corpus")
 
 #: a fast, varied subset: a real architecture (light), convs, BN, RNNs, opset-6 conversions, sequences
 FAST = (

@@ -10,9 +10,7 @@ the core lossless passes leave external weights on disk.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +23,9 @@ from onnxcompress.passes.base import Pipeline
 from onnxcompress.passes.cleanup import CleanupConfig, DedupeConfig, FoldConstantsConfig
 from onnxcompress.passes.registry import make_pass
 
-ROOT = Path(__file__).resolve().parents[1]
+from test_corpus import load_bench
 
-
-def _bench_io():
-    spec = importlib.util.spec_from_file_location("bench_io", ROOT / "bench" / "io.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_io"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench_io = _bench_io()
+bench_io = load_bench("io")
 
 
 # ----------------------------------------------------------------------------------------------
