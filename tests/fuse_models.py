@@ -144,3 +144,90 @@ def digits_mlp(hidden: int = 128) -> onnx.ModelProto:
 def digits_acc(model: onnx.ModelProto) -> float:
     x, y = digits_data("test")
     return float(np.mean(np.argmax(b.run(model, {"x": x})[0], axis=1) == y))
+
+
+def random_chain(seed: int) -> tuple[onnx.ModelProto, dict]:
+    """A seeded random chain of MatMul / Gemm / Add / Mul / Div / BatchNormalization / Relu, constant
+    transposes and parallel MatMul pairs on a 2-D or 3-D input, some intermediates exposed as outputs."""
+    rng = np.random.default_rng(seed)
+    mk = onnx.helper.make_node
+    rank3 = rng.random() < 0.4
+    width = k = int(rng.integers(2, 12))
+    nodes, inits, outputs = [], [], []
+
+    def fresh(prefix: str) -> str:
+        return f"{prefix}{len(nodes)}_{len(inits)}_{rng.integers(1 << 30)}"
+
+    def const(arr) -> str:
+        name = fresh("c")
+        inits.append(numpy_helper.from_array(np.asarray(arr, np.float32), name))
+        return name
+
+    def vector(n: int, low: float | None = None):
+        """A per-column constant in one of three broadcast forms."""
+        shape = ((n,), (), (1, n))[int(rng.integers(3))]
+        return rng.standard_normal(shape) if low is None else rng.uniform(low, 2, shape)
+
+    cur = "x"
+    for _ in range(int(rng.integers(2, 8))):
+        op = rng.choice(["matmul", "add", "mul", "div", "gemm", "bn", "relu", "tmatmul", "parallel"])
+        out = fresh("t")
+        if op in ("matmul", "tmatmul", "parallel", "gemm") and (op != "gemm" or not rank3):
+            n = int(rng.integers(1, 12))
+        if op == "matmul":
+            nodes.append(mk("MatMul", [cur, const(rng.standard_normal((width, n)))], [out]))
+        elif op == "tmatmul":
+            wt = fresh("wt")
+            nodes += [mk("Transpose", [const(rng.standard_normal((n, width)))], [wt]), mk("MatMul", [cur, wt], [out])]
+        elif op == "add":
+            c = const(vector(width))
+            nodes.append(mk("Add", [cur, c] if rng.random() < 0.5 else [c, cur], [out]))
+        elif op in ("mul", "div"):
+            c = const(vector(width, 0.5))
+            args = [cur, c] if op == "div" or rng.random() < 0.5 else [c, cur]
+            nodes.append(mk(op.capitalize(), args, [out]))
+        elif op == "gemm" and not rank3:
+            tb = int(rng.integers(2))
+            ins = [cur, const(rng.standard_normal((n, width) if tb else (width, n)))]
+            if rng.random() < 0.7:
+                ins.append(const(rng.standard_normal(n)))
+            nodes.append(mk("Gemm", ins, [out], transB=tb, alpha=float(rng.uniform(0.5, 2)),
+                            beta=float(rng.uniform(0.5, 2))))
+        elif op == "bn" and not rank3:
+            ins = [cur] + [const(v) for v in (rng.uniform(0.5, 1.5, width), rng.standard_normal(width),
+                                              rng.standard_normal(width), rng.uniform(0.5, 1.5, width))]
+            nodes.append(mk("BatchNormalization", ins, [out], epsilon=1e-3))
+        elif op == "relu":
+            nodes.append(mk("Relu", [cur], [out]))
+        elif op == "parallel":
+            a, b2 = fresh("pa"), fresh("pb")
+            nodes += [mk("MatMul", [cur, const(rng.standard_normal((width, n)))], [a]),
+                      mk("MatMul", [cur, const(rng.standard_normal((width, n)))], [b2])]
+            if rng.random() < 0.5:
+                a2 = fresh("pa")
+                nodes.append(mk("Add", [a, const(rng.standard_normal(n))], [a2]))
+                a = a2
+            nodes.append(mk("Add", [a, b2], [out]))
+        else:
+            continue
+        if op in ("matmul", "tmatmul", "parallel", "gemm"):
+            width = n
+        if rng.random() < 0.15:
+            outputs.append(out)
+        cur = out
+    if not nodes:
+        nodes.append(mk("Relu", [cur], ["y"]))
+        cur = "y"
+    shape = ["N", 3, k] if rank3 else ["N", k]
+    g = onnx.helper.make_graph(nodes, "chain", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+                               [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None)
+                                for o in dict.fromkeys(outputs + [cur])], inits)
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    inferred = onnx.shape_inference.infer_shapes(m).graph
+    types = {v.name: v.type for v in [*inferred.value_info, *inferred.output]}
+    for o in m.graph.output:
+        if o.name in types:
+            o.type.CopyFrom(types[o.name])
+    onnx.checker.check_model(m)
+    return m, {"x": rng.standard_normal([2] + shape[1:]).astype(np.float32)}

@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import builders as b
-from fuse_models import CORPUS, apply, assert_lossless, bundled, header, ops, parse, randn
+from fuse_models import CORPUS, apply, assert_lossless, bundled, header, ops, parse, randn, random_chain
 from onnxcompress.fuse.lossless import FuseConfig, FusePass
 from onnxcompress.recipes import lossless_steps
 
@@ -301,6 +301,17 @@ def test_bundled_models_parity(name):
     feeds = {k: v[:64] for k, v in digits_feeds(m).items()}
     assert_lossless(m, out, feeds)
     assert len(out.graph.node) <= len(m.graph.node)
+
+
+def test_random_chains_keep_their_outputs():
+    """Seeded random chains of every pattern the rules know (and some they must leave alone)."""
+    applied = set()
+    for seed in range(40):
+        m, feeds = random_chain(seed)
+        out, res = fuse(m)
+        assert_lossless(m, out, feeds)
+        applied |= set(res.details["applied"])
+    assert len(applied) >= 6, applied   # the sample exercises most rules
 
 
 # ---------------------------------------------------------------------------------------------- corpus
