@@ -57,7 +57,8 @@ def max_rel_err(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
     for r, o in zip(ref, out):
         r64, o64 = np.asarray(r, np.float64), np.asarray(o, np.float64)
         assert r64.shape == o64.shape
-        diff = np.where(r64 == o64, 0.0, np.abs(r64 - o64))  # equal infinities are equal
+        with np.errstate(invalid="ignore"):
+            diff = np.where(r64 == o64, 0.0, np.abs(r64 - o64))  # equal infinities are equal
         scale = float(np.max(np.abs(r64[np.isfinite(r64)]), initial=0))
         worst = max(worst, float(np.max(diff, initial=0)) / max(scale, 1e-12))
     return worst

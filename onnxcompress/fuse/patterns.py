@@ -77,9 +77,14 @@ def infer_ranks(graph: gs.Graph) -> dict[str, int]:
     """Tensor name -> rank from ONNX shape inference (empty when inference fails, e.g. > 2 GB)."""
     ranks: dict[str, int] = {}
     try:
-        model = gs.export_onnx(graph.copy(), do_type_check=False)
-        if model.ByteSize() > 1 << 30:
-            return ranks
+        light = graph.copy()
+        for g in iter_graphs(light):
+            for t in list(g.tensors().values()):
+                # large float weights only matter by their shape: export them as typed values, not bytes
+                if isinstance(t, gs.Constant) and t.dtype in FLOAT_DTYPES and int(np.prod(t.shape)) > 4096:
+                    t.to_variable(dtype=t.dtype, shape=list(t.shape))
+                    t.type = "tensor_type"
+        model = gs.export_onnx(light, do_type_check=False)
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # shape inference is best effort: unknown ranks make rules decline
         return ranks
