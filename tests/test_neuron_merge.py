@@ -121,3 +121,21 @@ def test_ratio_zero_changes_nothing(ratio):
     m = redundant_mlp()
     out, step = compress_with(m, MergeNeuronsConfig(ratio=ratio))
     assert not step["modified"] and init_shapes(out) == init_shapes(m)
+
+
+def test_identical_filters_merge_exactly_through_flatten_into_a_linear_layer():
+    """Each merged channel owns a block of H*W columns of the Gemm; blocks are added position by position."""
+    n = Net(shape=(2, 3, 4, 4), seed=6)
+    c = n.node("Relu", [n.conv("x", 3, 6)])
+    m = n.model(n.gemm(n.node("Flatten", [c], axis=1), 6 * 16, 5), (2, 5))
+    for t in m.graph.initializer:
+        if t.name in ("w1", "w1_b"):
+            v = onnx.numpy_helper.to_array(t).copy()
+            v[4:6] = v[0:2]
+            t.CopyFrom(onnx.numpy_helper.from_array(v, t.name))
+    out, step = compress_with(m, MergeNeuronsConfig(ratio=2 / 6))
+    g = step["details"]["groups"][0]
+    assert g["scaled"] and sorted((c["keep"], c["merged"]) for c in g["clusters"]) == [(0, [4]), (1, [5])]
+    assert init_shapes(out)[out.graph.node[-1].input[1]] == (5, 4 * 16)
+    f = feeds_for(m)
+    assert lossless_close(run(m, f)[0], run(out, f)[0])

@@ -19,12 +19,15 @@ be removed together:
 * ``Concat``/``Split`` along the axis link element ``i`` of input ``k`` to element ``offset_k + i``;
 * ``Flatten``/``Reshape``/``Squeeze``/``Unsqueeze``/``Transpose`` that keep the channel axis link it
   to its new position; a flatten into a linear layer (``[N, C, H, W] -> [N, C·H·W]``) links channel
-  ``c`` to the block ``c·HW .. c·HW + HW - 1``.
+  ``c`` to the block ``c·HW .. c·HW + HW - 1``;
+* a channel shuffle (``Reshape [N, g, C/g, ...] -> Transpose(0, 2, 1, ...) -> Reshape [N, C, ...]``,
+  ShuffleNet) links ``y[a·g + b]`` to ``x[b·C/g + a]`` and makes channel ``a`` of all ``g`` chunks one
+  unit, so the pruned tensor still shuffles into the pruned output (both shapes are edited).
 
 Ids linked directly or indirectly form a **unit** (one removable channel, e.g. conv out-channel 5 +
 BN element 5 + the next conv's in-channel 5); spaces that share links form a **group**. Anything the
 builder does not understand — an unknown op, a graph input or output, a non-constant weight, a read
-from a subgraph, a reshape that mixes channels (ShuffleNet's channel shuffle), a channel-mixing op
+from a subgraph, a reshape that mixes channels with other axes, a channel-mixing op
 (LRN, Softmax, LayerNormalization over the axis) — **blocks** the whole group, with a reason.
 
 Applying a decision (:func:`apply_keep`) gathers, for every parameter of every member, the kept
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -209,6 +212,10 @@ class Fixup:
     space: Space
     outputs: tuple[Space, ...] = ()
     position: int = 0
+    #: reshape: the new count at ``position`` is the space's count divided by this (channel shuffle)
+    divisor: int = 1
+    #: tensors whose recorded shapes go stale (dropped, shape inference restores them)
+    stale: tuple = ()
 
 
 @dataclass(eq=False)
@@ -341,9 +348,6 @@ class _Builder:
         self.space_links.append((a.index, b.index))
         return True
 
-    def touch(self, a: Space, b: Space) -> None:
-        self.space_links.append((a.index, b.index))
-
     def param(self, node: gs.Node, slot: int, axis: int, s: Space, role: str, chunks: int = 1) -> bool:
         """Attach a constant parameter; block when it is not a constant with the right size."""
         t = node.inputs[slot]
@@ -415,6 +419,8 @@ class _Builder:
             self.concat(node, s)
         elif op == "Split":
             self.split(node, s)
+        elif op in ("Reshape", "Transpose") and _match_shuffle(node, self.dim_list) is not None:
+            self.shuffle(_match_shuffle(node, self.dim_list), s)
         elif op in _RESHAPE_LIKE or op == "Transpose":
             self.reshape(node, s, as_output)
         else:
@@ -666,6 +672,30 @@ class _Builder:
                     return
         self.block(s, node.name, f"{node.op} {xd} -> {yd} mixes the channel axis with others")
 
+    def shuffle(self, match: tuple, s: Space) -> None:
+        """A channel shuffle ``y[a·g + b] = x[b·C/g + a]``: channel a of every one of the g chunks
+        of x is one unit (the shuffle of the pruned tensor must equal the pruned shuffle)."""
+        r1, t, r2, g = match
+        if not self.once(r1, "shuffle"):
+            return
+        x, y = r1.inputs[0], r2.outputs[0]
+        xs, ys = self.space(x, 1), self.space(y, 1)
+        if xs is None or ys is None:
+            self.block(s, r1.name, "unknown shape around a channel shuffle")
+            return
+        if s is not xs and s is not ys:
+            self.block(s, r1.name, "the channel shuffle's intermediate tensor is read elsewhere")
+            return
+        per = xs.size // g
+        a, b = np.meshgrid(np.arange(per), np.arange(g), indexing="ij")  # [per, g]
+        self.link(xs, ys, a_ids=xs.ids[(b * per + a).reshape(-1)], b_ids=ys.ids[(a * g + b).reshape(-1)])
+        if g > 1:
+            self.link(xs, xs, a_ids=xs.ids[(b[:, 1:] * per + a[:, 1:]).reshape(-1)],
+                      b_ids=np.repeat(xs.ids[:per], g - 1))
+        stale = (r1.outputs[0], t.outputs[0])
+        self.fixups.append(Fixup("reshape", r1, xs, position=2, divisor=g, stale=stale))
+        self.fixups.append(Fixup("reshape", r2, ys, position=1))
+
     def _input_space_of(self, node: gs.Node, s: Space, xd: list, yd: list) -> Space | None:
         if node.op == "Transpose":
             perm = list(node.attrs.get("perm", list(range(len(xd)))[::-1]))
@@ -847,8 +877,42 @@ def apply_keep(graph: gs.Graph, group: Group, keep_units: np.ndarray, writer: Pa
     return {s.name: kept[s.index].tolist() for s in group.spaces}
 
 
+def _match_shuffle(node: gs.Node, dims) -> tuple | None:
+    """``(reshape, transpose, reshape, g)`` when ``node`` is part of a channel shuffle
+    ``[N, C, *S] -> [N, g, C/g, *S] -> Transpose(0, 2, 1, ...) -> [N, C, *S]``, else None."""
+    def only(t: gs.Tensor) -> gs.Node | None:
+        c = consumers(t)
+        return c[0] if len(c) == 1 else None
+
+    chain: list[gs.Node | None]
+    if node.op == "Transpose":
+        chain = [producer(node.inputs[0]), node, only(node.outputs[0])]
+    else:
+        t = only(node.outputs[0])
+        if t is not None and t.op == "Transpose":
+            chain = [node, t, only(t.outputs[0])]
+        else:
+            t = producer(node.inputs[0])
+            chain = [producer(t.inputs[0]) if t is not None and t.inputs else None, t, node]
+    r1, t, r2 = chain
+    if r1 is None or t is None or r2 is None or (r1.op, t.op, r2.op) != ("Reshape", "Transpose", "Reshape"):
+        return None
+    xd, md, yd = dims(r1.inputs[0]), dims(r1.outputs[0]), dims(r2.outputs[0])
+    if xd is None or md is None or yd is None or len(xd) < 3 or len(md) != len(xd) + 1 or list(yd) != list(xd):
+        return None
+    g, per = md[1], md[2]
+    perm = list(t.attrs.get("perm", []))
+    if not (isinstance(g, int) and isinstance(per, int) and xd[1] == g * per and md[3:] == xd[2:]
+            and perm == [0, 2, 1, *range(3, len(md))] and only(r1.outputs[0]) is t):
+        return None
+    return r1, t, r2, g
+
+
 def _fix_reshape(f: Fixup, n_new: int, writer: ParamWriter) -> None:
     node = f.node
+    n_new //= f.divisor
+    for t in f.stale:
+        t.shape = None
     shape = eval_const(node.inputs[1])
     if shape is None:
         return
@@ -874,5 +938,3 @@ def _fix_split(f: Fixup, sizes: list[int], writer: ParamWriter) -> None:
             node.attrs["split"] = sizes
 
 
-def iter_prunable(groups: Iterable[Group]) -> Iterable[Group]:
-    return (g for g in groups if g.prunable)
