@@ -117,3 +117,27 @@ def test_big_model_streams(big_model, tmp_path, label, capsys):
     assert out.stat().st_size < 10 * 2**20                     # the model proto holds no weights
     onnx.checker.check_model(str(out))
     assert peak_gib * 2**30 < FAR_BELOW * nbytes, f"peak RSS {peak_gib:.2f} GiB"
+
+
+def test_fold_constants_declines_a_big_fill_without_materializing_it(monkeypatch):
+    """ConstantOfShape(shape=[4096, 4096]) would turn 16 bytes into 64 MiB: declined before evaluating."""
+    from onnx import TensorProto, helper
+
+    import onnxcompress.passes.cleanup as cleanup
+
+    shape = onnx.numpy_helper.from_array(np.array([4096, 4096], np.int64), "shape")
+    g = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["w"], name="fill",
+                          value=onnx.numpy_helper.from_array(np.array([0.5], np.float32))),
+         helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "fill", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4096])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4096])], [shape])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    evaluated = []
+    real = cleanup._evaluate
+    monkeypatch.setattr(cleanup, "_evaluate", lambda node, *a: evaluated.append(node.op) or real(node, *a))
+    graph = gio.model_to_graph(gio.open_model(m))
+    res = make_pass(FoldConstantsConfig()).run(graph, None)
+    assert evaluated == [] and not res.modified
+    assert [s.reason for s in res.skipped] == [f"folding would grow the file: 16 bytes of inputs -> {4096 * 4096 * 4} bytes"]

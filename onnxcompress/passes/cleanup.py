@@ -203,6 +203,13 @@ class FoldConstantsPass(Pass):
                     if reason:
                         res.skip(node.name or node.op, "fold_constants", reason)
                     continue
+                freed = _freed_bytes(node)
+                limit = max(self.config.always_fold_bytes, self.config.max_growth * freed)
+                known = _known_output_bytes(node)
+                if known is not None and known > limit:  # decided without materializing the result
+                    res.skip(node.name or node.op, "fold_constants",
+                             f"folding would grow the file: {freed} bytes of inputs -> {known} bytes")
+                    continue
                 try:
                     values = _evaluate(node, g, graph)
                 except Exception as e:  # onnxruntime could not run it: leave the node alone
@@ -210,8 +217,6 @@ class FoldConstantsPass(Pass):
                              f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
                     continue
                 out_bytes = sum(v.nbytes for v in values)
-                freed = _freed_bytes(node)
-                limit = max(self.config.always_fold_bytes, self.config.max_growth * freed)
                 if out_bytes > limit:
                     res.skip(node.name or node.op, "fold_constants",
                              f"folding would grow the file: {freed} bytes of inputs -> {out_bytes} bytes")
@@ -237,6 +242,19 @@ class FoldConstantsPass(Pass):
         if any(is_graph_io(o, g) for o in node.outputs):
             return "its output is a graph output"
         return None
+
+
+def _known_output_bytes(node: gs.Node) -> int | None:
+    """The result's size when it follows from the inputs alone (ConstantOfShape: the shape input), so a
+    fill that would grow the file (a 400 MB weight made from a 32-byte shape) is never materialized."""
+    if node.op != "ConstantOfShape" or not node.inputs:
+        return None
+    shape = const_value(node.inputs[0])
+    if shape is None:
+        return None
+    value = node.attrs.get("value")
+    itemsize = np.dtype(value.dtype).itemsize if isinstance(value, gs.Constant) else 4
+    return int(np.prod(np.asarray(shape, dtype=np.int64))) * itemsize
 
 
 def _freed_bytes(node: gs.Node) -> int:
