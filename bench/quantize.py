@@ -6,9 +6,9 @@ calibration method, plus the other methods for the digits models); onnxcompress 
 uint8 activations, int8 per-channel weights) with the MinMax, Entropy and Percentile calibrators, and
 ``quantize_dynamic``. Columns: file size, task metric (digits accuracy on the fixed test split; for
 corpus models the cosine and top-1 agreement against fp32 on seeded feeds), CPU latency against fp32
-(one thread, batch 1 and batch 64, interleaved, median), quantization wall time and the peak RSS of
-the quantizing process (each quantization runs in its own subprocess; RSS from
-``resource.getrusage``, and the growth over the process's RSS just before quantizing).
+(one thread, batch 1 and batch 64, interleaved, fastest of several rounds), quantization wall time and
+the peak RSS of the quantizing process (each quantization runs in its own subprocess; peak RSS from
+``/proc/self/status`` VmHWM, and the growth over the process's RSS just before quantizing).
 
 A second table: calibration memory with 32 and 512 samples (onnxcompress streams; onnxruntime's
 Entropy calibrator keeps every intermediate output).
@@ -18,6 +18,10 @@ Every produced model is checked with ``onnx.checker`` and loaded in stock onnxru
     python bench/quantize.py                       # everything, prints the tables
     python bench/quantize.py --write-docs          # ... and writes them into docs/benchmarks.md (quantize)
     python bench/quantize.py --models mlp cnn --quick
+    python bench/quantize.py --models mlp=/tmp/mlp.onnx      # a stand-in file for a digits model
+
+Metric column: digits accuracy in bold where the model is a digits model, then the cosine and top-1
+agreement of the logits against fp32 on the same feeds.
 """
 
 from __future__ import annotations
@@ -52,6 +56,16 @@ def _rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_mb() -> float:
+    """This process's peak RSS (VmHWM). ``ru_maxrss`` is no good here: it survives fork + exec, so a
+    child would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _npz_reader(path: str, input_names: list[str], batch: int):
@@ -119,7 +133,7 @@ def child(variant: str, model: str, calib: str, out: str) -> None:
                            per_channel=True, activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8,
                            calibrate_method=method)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_mb()
     print(json.dumps({"wall_s": wall, "peak_mb": peak, "base_mb": base, "growth_mb": peak - base}))
 
 
@@ -184,9 +198,10 @@ def _random_feeds(model_path: str, n: int, seed: int) -> dict[str, np.ndarray]:
 def prepare(name: str, work: Path, n_calib: int) -> dict:
     from onnxcompress import datasets
 
-    if name in DIGITS:
-        path = str(datasets.bundled_model_path(name))
-        calib = str(datasets.calibration_npz(work / f"{name}-calib.npz", name, n=n_calib))
+    if name in DIGITS or "=" in name:
+        name, _, given = name.partition("=")
+        path = given or str(datasets.bundled_model_path(name))
+        calib = str(datasets.calibration_npz(work / f"{name}-calib.npz", path, n=n_calib))
         return {"name": name, "path": path, "calib": calib, "kind": "digits",
                 "eval": datasets.digits_feeds(path, "test")}
     short = name.split("/")[-1]
@@ -213,22 +228,24 @@ def metric(case: dict, path: str, ref: np.ndarray | None) -> dict:
 
     onnx.checker.check_model(path)
     sess = _session(path)
+    extra = {}
     if case["kind"] == "digits":
         from onnxcompress import datasets
 
-        return {"acc": datasets.digits_accuracy(path)}
+        extra["acc"] = datasets.digits_accuracy(path)
     out = _outputs(sess, case["eval"])
     if ref is None:
-        return {"out": out}
+        return {"out": out, **extra}
     a, b = ref.ravel().astype(np.float64), out.ravel().astype(np.float64)
     cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
     r2, o2 = ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1)
     top1 = float(np.mean(r2.argmax(1) == o2.argmax(1)))
-    return {"cos": cos, "top1": top1, "max_err": float(np.abs(ref - out).max())}
+    return {"cos": cos, "top1": top1, "max_err": float(np.abs(ref - out).max()), **extra}
 
 
 def latency(paths: dict[str, str], feed_one: dict, feed_batch: dict, rounds: int, reps: int) -> dict[str, tuple]:
-    """Median seconds per run at batch 1 and batch 64, variants interleaved round by round."""
+    """Seconds per run at batch 1 and batch 64: variants interleaved round by round, each round the mean of
+    ``reps`` runs, the fastest round kept (the machine is shared: the minimum is the least disturbed)."""
     sessions = {k: _session(p) for k, p in paths.items()}
     times = {k: ([], []) for k in paths}
     for k, s in sessions.items():  # warm up
@@ -241,7 +258,7 @@ def latency(paths: dict[str, str], feed_one: dict, feed_batch: dict, rounds: int
                 for _ in range(reps if j == 0 else max(1, reps // 8)):
                     s.run(None, feed)
                 times[k][j].append((time.perf_counter() - t0) / (reps if j == 0 else max(1, reps // 8)))
-    return {k: (float(np.median(v[0])), float(np.median(v[1]))) for k, v in times.items()}
+    return {k: (float(np.min(v[0])), float(np.min(v[1]))) for k, v in times.items()}
 
 
 def _first_feeds(case: dict, n: int) -> dict:
@@ -256,8 +273,8 @@ def bench_model(case: dict, work: Path, variants: list[str], rounds: int, reps: 
     paths = {"fp32": case["path"]}
     fp32 = metric(case, case["path"], None)
     ref = fp32.get("out")
-    base = {"variant": "fp32", "size": os.path.getsize(case["path"]),
-            **({"acc": fp32["acc"]} if "acc" in fp32 else {"cos": 1.0, "top1": 1.0, "max_err": 0.0})}
+    base = {"variant": "fp32", "size": os.path.getsize(case["path"]), "cos": 1.0, "top1": 1.0, "max_err": 0.0,
+            **({"acc": fp32["acc"]} if "acc" in fp32 else {})}
     rows.append(base)
     for v in variants:
         out = str(work / f"{case['name']}-{v}.onnx")
@@ -285,10 +302,11 @@ def bench_model(case: dict, work: Path, variants: list[str], rounds: int, reps: 
 def memory_table(case_name: str, work: Path) -> list[dict]:
     from onnxcompress import datasets
 
-    path = str(datasets.bundled_model_path(case_name))
+    case_name, _, given = case_name.partition("=")
+    path = given or str(datasets.bundled_model_path(case_name))
     rows = []
     for variant, n in (("ours", 32), ("ours", 512), ("ort-entropy", 32), ("ort-entropy", 512)):
-        calib = str(datasets.calibration_npz(work / f"{case_name}-calib{n}.npz", case_name, n=n))
+        calib = str(datasets.calibration_npz(work / f"{case_name}-calib{n}.npz", path, n=n))
         v = "ours-entropy" if variant == "ours" else variant
         info = run_child(v, path, calib, str(work / f"{case_name}-mem-{variant}-{n}.onnx"))
         rows.append({"model": case_name, "tool": v, "samples": n, **info})
@@ -301,10 +319,9 @@ def _fmt_rows(case: str, rows: list[dict]) -> list[str]:
         if "error" in r:
             lines.append(f"| {case} | {r['variant']} | failed: {r['error']} | | | | | |")
             continue
+        m = f"cos {r['cos']:.5f}, top-1 {100 * r['top1']:.1f}%"
         if "acc" in r:
-            m = f"{100 * r['acc']:.2f}%"
-        else:
-            m = f"cos {r['cos']:.5f}, top-1 {100 * r['top1']:.1f}%"
+            m = f"**{100 * r['acc']:.2f}%** ({m})"
         size = f"{r['size'] / 1024:.1f} KiB"
         lat = (f"{r['lat1']:.2f}× / {r['lat64']:.2f}×" if "lat1" in r else "")
         if r["variant"] == "fp32":
@@ -335,7 +352,8 @@ def render(results: dict, mem: list[dict], command: str) -> str:
         "`--storage int8`; `ort-*` = onnxruntime `quantize_static` (QDQ, u8 activations, s8 per-channel "
         "weights) with that calibrator, `ort-dynamic` = `quantize_dynamic` (s8). Digits models: 256 "
         "calibration samples, accuracy on the 450-sample test split. Corpus models: seeded normal feeds, "
-        "parity against fp32. Latency: one thread, median, relative to fp32 at batch 1 / batch 64. "
+        "parity against fp32. Latency: one thread, fastest of the interleaved rounds, relative to fp32 at "
+        "batch 1 / batch 64 (or the model's fixed batch). "
         "Peak RSS of the quantizing subprocess in MiB (growth over its RSS just before quantizing).",
         "",
         "| model | variant | metric | size | latency vs fp32 (b1 / b64) | quantize s | peak RSS MiB |",
@@ -370,7 +388,7 @@ def main(argv=None) -> int:
     ap.add_argument("--child", nargs=4, metavar=("VARIANT", "MODEL", "CALIB", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--models", nargs="*", default=list(DIGITS) + list(CORPUS))
     ap.add_argument("--quick", action="store_true", help="fewer variants and timing rounds")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--reps", type=int, default=64)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
@@ -395,8 +413,8 @@ def main(argv=None) -> int:
             results[case["name"]] = rows
             print("\n".join(_fmt_rows(case["name"], rows)), flush=True)
         if not args.no_memory:
-            for name in ("cnn", "transformer"):
-                if name in args.models:
+            for name in args.models:
+                if name.partition("=")[0] in ("cnn", "transformer"):
                     mem += memory_table(name, work)
     command = "python bench/quantize.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     text = render(results, mem, command.strip())

@@ -22,9 +22,10 @@ Ranges from the statistics (``[lo, hi]``, always widened to contain 0 later by t
 * ``minmax``: ``[min, max]``.
 * ``percentile``: the ``(100 - p)``-th and ``p``-th percentiles of the histogram, clamped to min/max.
 * ``entropy``: TensorRT's KL rule on the histogram of ``|x|``: for each threshold ``T`` (a bin edge
-  from 128 bins up), ``P`` = the histogram up to ``T`` with the tail added to its last bin, ``Q`` = ``P``
-  merged into 128 levels and spread back over the non-empty bins; pick ``argmin KL(P || Q)``; range
-  ``[max(min, -T), min(max, T)]``.
+  from ``L`` bins up), ``P`` = the histogram up to ``T`` with the tail added to its last bin, ``Q`` = ``P``
+  merged into ``L`` levels and spread back over the non-empty bins; pick ``argmin KL(P || Q)``; range
+  ``[max(min, -T), min(max, T)]``. ``L`` is the number of integer levels that cover ``[0, T]``: all 256
+  for a one-signed tensor (a ReLU output), 128 when the tensor has both signs.
 * ``mse``: the range ``[r·min, r·max]`` (``r`` in ``(0, 1]``) minimizing the expected squared error on the
   histogram: clipping error ``(clip(c) - c)^2`` for bins outside, ``step^2 / 12`` rounding noise inside.
 
@@ -213,7 +214,10 @@ def compute_range(s: TensorStats, method: str, *, percentile: float = 99.99, lev
     if method == "percentile":
         return _percentile_range(s, percentile)
     if method == "entropy":
-        t = _entropy_threshold(s, stride=max(1, s.num_bins // 1024))
+        # the levels the threshold must cover: all of them for a one-signed tensor, half each side otherwise
+        one_sided = s.min >= 0 or s.max <= 0
+        t = _entropy_threshold(s, levels=(levels + 1) if one_sided else (levels + 1) // 2,
+                               stride=max(1, s.num_bins // 1024))
         return max(s.min, -t), min(s.max, t)
     if method == "mse":
         return _mse_range(s, levels)
