@@ -459,3 +459,24 @@ def test_bundled_variants_are_quantized_like_the_originals(name, variant, tmp_pa
         weighted *= 2  # both branches
     assert quantized == weighted, plan["counts"]
     assert datasets.digits_accuracy(res.model) >= datasets.digits_accuracy(str(path)) - 0.005
+
+
+def test_conv_transpose_gets_int8_storage_not_slow_qdq(tmp_path):
+    """onnxruntime's CPU EP has no fused int8 ConvTranspose: its weight is stored as int8 instead."""
+    rng = np.random.default_rng(8)
+    m = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4, 6, 6] x) => (float[N, 8, 13, 13] y) {
+        y = ConvTranspose <strides = [2, 2]> (x, w, b)
+    }""")
+    m.graph.node[0].name = "deconv"
+    m.graph.initializer.extend([numpy_helper.from_array(rng.standard_normal((4, 8, 3, 3)).astype(np.float32), "w"),
+                                numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")])
+    res = compress(m, _recipe(mode="static"), data=[_feeds(m, 4, seed=1)])
+    plan = {n["node"]: n for n in _plan(res)["nodes"]}
+    assert plan["deconv"]["form"] == "storage" and "ConvTranspose" in plan["deconv"]["reason"]
+    assert _ops(res.model)["QuantizeLinear"] == 0 and _ops(res.model)["Cast"] == 1
+    assert _fused_ops(res.model, tmp_path) == collections.Counter({"ConvTranspose": 1})
+    x = _feeds(m, 2, seed=2)
+    ref, got = builders.run(m, x)[0], builders.run(res.model, x, optimize=True)[0]
+    assert _cosine(ref, got) > 0.9999

@@ -4,7 +4,8 @@ stay float by default.
 * ``QUANTIZED``: the weighted ops. Their activation inputs get QuantizeLinear/DequantizeLinear, their
   weights int8 (per channel along :func:`onnxcompress.quantize.storage.weight_axis`), Gemm/Conv bias
   int32 with scale ``s_x * s_w``, and a QuantizeLinear after them — the layout onnxruntime fuses
-  into QLinearMatMul / QGemm / QLinearConv / QLinearConvTranspose.
+  into QLinearMatMul / QGemm / QLinearConv. ConvTranspose is in ``STORAGE_ONLY``: onnxruntime's CPU EP
+  has no fused kernel for it, so its weight gets size-only int8 storage.
 * ``SAME_SCALE``: data movement and max-like ops whose output range is inside the input's; the output
   reuses the input's scale and zero point, so onnxruntime drops the DQ -> op -> Q pair and the integer
   chain is unbroken.
@@ -24,10 +25,15 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.graph.query import consumers, is_constant, producer
 
-__all__ = ["QUANTIZED", "SAME_SCALE", "OWN_SCALE", "RELU_LIKE", "SENSITIVE", "NORMALIZATION",
+__all__ = ["QUANTIZED", "STORAGE_ONLY", "SAME_SCALE", "OWN_SCALE", "RELU_LIKE", "SENSITIVE", "NORMALIZATION",
            "is_residual_add", "is_embedding_gather", "relu_like"]
 
 QUANTIZED = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
+#: weighted ops that onnxruntime's CPU EP has no fused int8 kernel for (measured with onnxruntime 1.32:
+#: QDQ around ConvTranspose stays a float ConvTranspose with run-time DequantizeLinear, slower than
+#: fp32, whatever the calibrator): static mode stores their weights as int8 (size only) instead
+STORAGE_ONLY = {"ConvTranspose": "no fused int8 ConvTranspose kernel in onnxruntime's CPU EP (QDQ would run "
+                                 "float with run-time DequantizeLinear): weight stored as int8, decoded at load"}
 SAME_SCALE = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool"})
 OWN_SCALE = frozenset({"Concat", "Resize", "AveragePool", "GlobalAveragePool", "Add"})
 RELU_LIKE = frozenset({"Relu", "Clip"})

@@ -228,6 +228,10 @@ class QuantizeInt8Pass(Pass):
         qnodes = []
         for n in weighted:
             reason = "first or last layer (--keep-first-last)" if id(n) in ends else self._check(n, graph)
+            if reason is None and n.op in policy.STORAGE_ONLY:
+                reason = self._weight_storage(n, graph, namer, plan, res, policy.STORAGE_ONLY[n.op], "")
+                if reason is None:
+                    continue
             if reason:
                 res.skip(n.name or n.op, "quantize_int8", reason)
                 plan.add(n, "float", reason)
