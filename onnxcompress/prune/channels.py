@@ -199,7 +199,7 @@ class PruneChannelsPass(Pass):
         before = model_cost(model, dg.dims)
         method, activations = self._importance(dg, model, ctx)
         writer = ParamWriter(graph)
-        plan = []
+        plan, fallback = [], []
         for group in dg.groups:
             reason = self._may_prune(group)
             if reason is not None:
@@ -211,6 +211,7 @@ class PruneChannelsPass(Pass):
             if scores is None:
                 used = "l1"
                 scores = unit_scores(group, "l1")
+                fallback.append(group.name)
             units = group.units()
             keep = select_units(group, scores, cfg.ratio, cfg.round_to)
             if len(keep) == len(units):
@@ -226,6 +227,9 @@ class PruneChannelsPass(Pass):
             plan.append({"group": group.name, "layers": group.layers(), "channels": int(len(units)),
                          "kept": int(len(keep)), "importance": used, "keep": kept,
                          **({"bias_corrected": corrected} if corrected is not None else {})})
+        if fallback and method == "bn":
+            ctx.note(f"prune_channels: {len(fallback)} group(s) have no BatchNormalization (folded by an earlier "
+                     "pass such as fuse?), so they were scored by l1 instead of bn")
         after = _graph_cost(graph, ctx.original.model if ctx.original is not None else None) if plan else before
         res.details = {
             "ratio": cfg.ratio, "importance": method, "round_to": cfg.round_to,
