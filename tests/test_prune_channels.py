@@ -423,3 +423,24 @@ def test_bias_correction_declines_without_a_bias_and_without_data():
     run(res.model, {"x": x})
     res = compress(m, recipe)  # no data: nothing to correct with, nothing recorded
     assert "bias_corrected" not in res.report.to_dict()["steps"][0]["details"]["groups"][0]
+
+
+# -- property: any MLP, any ratio and round-to ---------------------------------------------------------
+
+
+def test_property_widths_follow_keep_count_and_the_model_runs():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=12, deadline=None, derandomize=True)
+    @given(st.lists(st.integers(1, 24), min_size=1, max_size=3), st.floats(0.0, 0.95), st.integers(1, 8))
+    def check(hidden, ratio, round_to):
+        sizes = (6, *hidden, 3)
+        m = mlp(sizes, seed=len(hidden))
+        out, _ = prune(m, ratio=ratio, round_to=round_to)
+        widths = [shape[1] for shape in matmul_weights(out)][:-1]
+        assert widths == [keep_count(h, ratio, round_to) for h in hidden]
+        y = run(out, feeds_for(m))[0]
+        assert y.shape == (3, 3) and np.isfinite(y).all()
+
+    check()
