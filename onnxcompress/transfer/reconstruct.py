@@ -59,7 +59,7 @@ from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.recipe import StepConfig, option
 
 __all__ = ["DistillConfig", "DistillPass", "Layer", "find_layers", "im2col", "solve_masked",
-           "snap_to_codebook", "snap_with_feedback"]
+           "snap_to_codebook", "snap_with_feedback", "dq_params"]
 
 log = logging.getLogger("onnxcompress")
 
@@ -205,7 +205,7 @@ def find_layers(graph: gs.Graph, ops: tuple[str, ...] = LAYER_OPS) -> tuple[list
 # weights <-> rows
 
 
-def _dq_float(dq: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def dq_params(dq: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(float weight, broadcast scale, broadcast zero point)`` of a DequantizeLinear of constants."""
     q = np.asarray(weight_ref(dq.inputs[0], graph).values)
     scale = np.asarray(weight_ref(dq.inputs[1], graph).values, np.float64)
@@ -221,7 +221,7 @@ def _dq_float(dq: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray, np.
 
 def _current_weight(layer: Layer, graph: gs.Graph) -> np.ndarray:
     if layer.dq is not None:
-        return _dq_float(layer.dq, graph)[0]
+        return dq_params(layer.dq, graph)[0]
     return np.asarray(weight_ref(layer.weight, graph).values, np.float64)
 
 
@@ -572,7 +572,7 @@ class DistillPass(Pass):
         """
         cfg: DistillConfig = self.config
         if layer.dq is not None:
-            _, scale, zp = _dq_float(layer.dq, graph)
+            _, scale, zp = dq_params(layer.dq, graph)
             info = np.iinfo(np.asarray(weight_ref(layer.dq.inputs[0], graph).values).dtype)
             s_rows, z_rows = _to_rows(scale, layer.kind), _to_rows(zp, layer.kind)
             layer.notes["grid"] = f"{info.dtype} grid"
@@ -598,7 +598,7 @@ class DistillPass(Pass):
     @staticmethod
     def _write(layer: Layer, graph: gs.Graph, new: np.ndarray, shape: tuple[int, ...], has_bias: bool) -> None:
         if layer.dq is not None:
-            _, scale, zp = _dq_float(layer.dq, graph)
+            _, scale, zp = dq_params(layer.dq, graph)
             q = np.asarray(weight_ref(layer.dq.inputs[0], graph).values)
             info = np.iinfo(q.dtype)
             w = _from_rows(new[:, :-1], layer.kind, q.shape)
