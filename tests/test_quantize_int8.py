@@ -386,17 +386,31 @@ def test_smoothquant_is_exact_before_rounding_and_helps_outliers():
     assert e_smooth < e_plain, (e_smooth, e_plain)
 
 
-def test_smoothquant_declines_shared_readers():
-    from onnxcompress.graph.io import model_to_graph, open_model
-    from onnxcompress.quantize.smoothquant import smooth_check
+def test_smoothquant_with_other_readers_inserts_a_mul_and_declines_shared_weights():
+    from onnxcompress.graph.io import graph_to_model, model_to_graph, open_model
+    from onnxcompress.graph.naming import Namer
+    from onnxcompress.quantize.smoothquant import apply_smoothing, smooth_check
 
     m = _tiny_encoder()
-    # n1 also read by an Add: moving scale into weights would change the Add
+    # n1 also read by an Add (a residual stream): gamma must stay, a Mul feeds the MatMul branch
     m.graph.node.append(helper.make_node("Add", ["n1", "n1"], ["extra"], name="extra"))
     m.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
     g = model_to_graph(open_model(m))
     ln = next(n for n in g.nodes if n.op == "LayerNormalization")
-    assert "not only as the input" in smooth_check(ln, g)
+    assert smooth_check(ln, g) is None
+    info = apply_smoothing(ln, g, Namer.for_graph(g), np.linspace(0.5, 30.0, 16), 0.5)
+    assert info["form"] == "mul"
+    out = graph_to_model(g, m)
+    x = _feeds(m, 8, seed=4)
+    for a, b in zip(builders.run(m, x), builders.run(out, x)):
+        assert builders.lossless_close(a, b)
+    # w1 also read by another MatMul: scaling its rows would change that one too
+    m2 = _tiny_encoder()
+    m2.graph.node.append(helper.make_node("MatMul", ["x", "w1"], ["other"], name="other"))
+    m2.graph.output.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, None))
+    g2 = model_to_graph(open_model(m2))
+    ln2 = next(n for n in g2.nodes if n.op == "LayerNormalization")
+    assert "read only by it" in smooth_check(ln2, g2)
 
 
 # ---------------------------------------------------------------------------------------------- bundled models

@@ -10,9 +10,13 @@ so ``y' W' = y W`` exactly in real arithmetic, while ``y'`` has flatter channels
 quantize per tensor) and the weights, quantized per output column, absorb the outliers. ``alpha``
 sets how much moves (0.5 in the paper). ``max|y_j|`` comes from calibration (per last-axis channel).
 
+When other ops read ``y`` too (the residual stream of a post-norm transformer), ``gamma`` and ``beta``
+stay and a ``Mul(y, 1/s)`` feeds only the MatMul readers: one elementwise op, same equality.
+
 May I? The normalization is ``LayerNormalization`` with constant scale (and bias), normalizing the
-last axis; its output is no graph output; every reader is a MatMul (weight rank 2) or a Gemm
-(``transB`` handled) reading it as input 0 with a constant float weight that nobody else reads.
+last axis; its output is no graph output; at least one reader is a MatMul (weight rank 2) or a Gemm
+(``transB`` handled) reading it as input 0 with a constant float32 weight that nobody else reads, and
+every MatMul/Gemm reader is such a one.
 """
 
 from __future__ import annotations
@@ -42,12 +46,12 @@ def smooth_check(ln: gs.Node, graph: gs.Graph) -> str | None:
     y = ln.outputs[0]
     if is_graph_io(y, graph):
         return "its output is a graph output"
-    readers = consumers(y)
+    readers = [r for r in consumers(y) if r.op in ("MatMul", "Gemm")]
     if not readers:
-        return "nobody reads its output"
+        return "no MatMul/Gemm reads its output"
     for r in readers:
-        if r.op not in ("MatMul", "Gemm") or r.inputs[0] is not y:
-            return f"its output is read by {r.op} {r.name!r}, not only as the input of MatMul/Gemm"
+        if r.inputs[0] is not y:
+            return f"{r.op} {r.name!r} reads its output as the weight"
         if not is_constant(r.inputs[1]) or len(consumers(r.inputs[1])) != 1:
             return f"{r.name!r} has a weight that is not a constant read only by it"
         w = const_value(r.inputs[1])
@@ -60,7 +64,9 @@ def smooth_check(ln: gs.Node, graph: gs.Graph) -> str | None:
 
 def apply_smoothing(ln: gs.Node, graph: gs.Graph, namer: Namer, chan_absmax: np.ndarray, alpha: float) -> dict:
     """Rescale (checked by :func:`smooth_check`); return the plan entry."""
-    readers = consumers(ln.outputs[0])
+    y = ln.outputs[0]
+    readers = [r for r in consumers(y) if r.op in ("MatMul", "Gemm")]
+    others = [r for r in consumers(y) if r.op not in ("MatMul", "Gemm")]
     mats = []
     for r in readers:
         w = np.asarray(const_value(r.inputs[1]), dtype=np.float32)
@@ -70,16 +76,22 @@ def apply_smoothing(ln: gs.Node, graph: gs.Graph, namer: Namer, chan_absmax: np.
     a = np.asarray(chan_absmax, dtype=np.float64)
     s = (np.power(np.maximum(a, 1e-8), alpha) / np.power(np.maximum(wmax, 1e-8), 1.0 - alpha))
     s = np.clip(s, 1e-5, 1e5).astype(np.float32)
-    gamma = np.asarray(const_value(ln.inputs[1]), dtype=np.float32)
-    base = ln.name or ln.outputs[0].name
-    new = gs.Constant(namer.fresh(base, "smooth_scale"), (gamma / s).astype(np.float32))
-    replace_input(ln, ln.inputs[1], new)
-    if len(ln.inputs) > 2 and ln.inputs[2].name:
-        beta = np.asarray(const_value(ln.inputs[2]), dtype=np.float32)
-        replace_input(ln, ln.inputs[2], gs.Constant(namer.fresh(base, "smooth_bias"), (beta / s).astype(np.float32)))
+    base = ln.name or y.name
+    if others:  # the normalization's output is read elsewhere too: scale only the MatMul branch
+        ys = gs.Variable(namer.fresh(y.name, "smoothed"), dtype=np.float32)
+        inv = gs.Constant(namer.fresh(base, "smooth_inverse"), (1.0 / s).astype(np.float32))
+        graph.nodes.append(gs.Node("Mul", namer.fresh(base, "smooth_Mul"), inputs=[y, inv], outputs=[ys]))
+        for r in readers:
+            replace_input(r, y, ys)
+    else:
+        gamma = np.asarray(const_value(ln.inputs[1]), dtype=np.float32)
+        replace_input(ln, ln.inputs[1], gs.Constant(namer.fresh(base, "smooth_scale"), (gamma / s).astype(np.float32)))
+        if len(ln.inputs) > 2 and ln.inputs[2].name:
+            beta = np.asarray(const_value(ln.inputs[2]), dtype=np.float32)
+            replace_input(ln, ln.inputs[2], gs.Constant(namer.fresh(base, "smooth_bias"), (beta / s).astype(np.float32)))
     for r, w, t in mats:
         w2 = w * s[:, None]
         wname = r.inputs[1].name
         replace_input(r, r.inputs[1], gs.Constant(namer.fresh(wname, "smoothed"), contiguous(w2.T if t else w2)))
-    return {"norm": base, "alpha": alpha, "readers": [r.name for r, _, _ in mats],
+    return {"norm": base, "alpha": alpha, "readers": [r.name for r, _, _ in mats], "form": "mul" if others else "folded",
             "scale_min": float(s.min()), "scale_max": float(s.max())}

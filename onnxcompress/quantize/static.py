@@ -92,6 +92,8 @@ class QuantizeInt8Pass(Pass):
         if len(node.inputs) < 2:
             return "it has no weight input"
         x = node.inputs[0]
+        if is_constant(x):
+            return "its first input is a constant, not an activation"
         if x.dtype is not None and np.dtype(x.dtype) != np.float32:
             return f"its input is {np.dtype(x.dtype)}, not float32"
         if node.op == "MatMul" and not is_constant(node.inputs[1]):
