@@ -33,14 +33,9 @@ def _cos(a: np.ndarray, c: np.ndarray) -> float:
 
 
 def _renamed(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    names = {t.name: f"onnx::{i}" for i, t in enumerate(m.graph.initializer)}
-    for t in m.graph.initializer:
-        t.name = names[t.name]
-    for n in m.graph.node:
-        n.input[:] = [names.get(x, x) for x in n.input]
-    return m
+    from test_transplant import _renamed as renamed
+
+    return renamed(model, "onnx")
 
 
 def test_requantized_by_name_on_the_destination_grid():

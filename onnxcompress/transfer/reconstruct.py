@@ -283,6 +283,19 @@ def _out_rows(y: np.ndarray, kind: str) -> np.ndarray:
     return y.reshape(-1, y.shape[-1])
 
 
+def _ridge_gram(gram: np.ndarray, idx: np.ndarray, *, ridge: float, bias: bool, eps: float) -> np.ndarray:
+    """``G[idx, idx] + λI`` (λ = ridge · mean of the inputs' diagonal; the bias column, last in ``idx``
+    when ``bias``, is not penalized) plus ``eps`` of the largest diagonal for stability."""
+    d = gram.shape[0] - 1
+    lam = ridge * float(np.mean(np.diag(gram)[:d])) if d else 0.0
+    g = gram[np.ix_(idx, idx)].copy()
+    reg = np.full(idx.size, lam)
+    if bias:
+        reg[-1] = 0.0
+    g[np.diag_indices_from(g)] += reg + eps * max(1.0, float(np.abs(np.diag(g)).max()))
+    return g
+
+
 def solve_masked(gram: np.ndarray, cross: np.ndarray, mask: np.ndarray, *, ridge: float, bias: bool) -> np.ndarray:
     """Per output row ``o``: least squares over the kept positions ``mask[o]`` (and the bias column).
 
@@ -291,7 +304,6 @@ def solve_masked(gram: np.ndarray, cross: np.ndarray, mask: np.ndarray, *, ridge
     last column is the bias, 0 when ``bias`` is False).
     """
     d = gram.shape[0] - 1
-    lam = ridge * float(np.mean(np.diag(gram)[:d])) if d else 0.0
     out = np.zeros((mask.shape[0], d + 1))
     groups: dict[bytes, list[int]] = {}
     for o in range(mask.shape[0]):
@@ -302,11 +314,7 @@ def solve_masked(gram: np.ndarray, cross: np.ndarray, mask: np.ndarray, *, ridge
             idx = np.append(idx, d)
         if idx.size == 0:
             continue
-        g = gram[np.ix_(idx, idx)].copy()
-        reg = np.full(idx.size, lam)
-        if bias:
-            reg[-1] = 0.0
-        g[np.diag_indices_from(g)] += reg + 1e-12 * max(1.0, float(np.abs(np.diag(g)).max()))
+        g = _ridge_gram(gram, idx, ridge=ridge, bias=bias, eps=1e-12)
         sol = np.linalg.lstsq(g, cross[np.ix_(idx, rows)], rcond=None)[0] if np.linalg.cond(g) > 1e12 \
             else np.linalg.solve(g, cross[np.ix_(idx, rows)])
         out[np.ix_(rows, idx)] = sol.T
@@ -325,7 +333,6 @@ def snap_with_feedback(gram: np.ndarray, wb: np.ndarray, mask: np.ndarray, snap,
     on the grid.
     """
     d = gram.shape[0] - 1
-    lam = ridge * float(np.mean(np.diag(gram)[:d])) if d else 0.0
     out = np.zeros_like(wb)
     for o in range(wb.shape[0]):
         cols = np.flatnonzero(mask[o])
@@ -333,11 +340,7 @@ def snap_with_feedback(gram: np.ndarray, wb: np.ndarray, mask: np.ndarray, snap,
         if cols.size == 0:
             out[o, idx] = wb[o, idx]
             continue
-        h = gram[np.ix_(idx, idx)].copy()
-        reg = np.full(idx.size, lam)
-        if bias:
-            reg[-1] = 0.0
-        h[np.diag_indices_from(h)] += reg + 1e-9 * max(1.0, float(np.abs(np.diag(h)).max()))
+        h = _ridge_gram(gram, idx, ridge=ridge, bias=bias, eps=1e-9)
         try:
             u = np.linalg.cholesky(np.linalg.inv(h)).T
         except np.linalg.LinAlgError:

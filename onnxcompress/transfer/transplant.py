@@ -148,6 +148,30 @@ def _plan_slices(model: onnx.ModelProto) -> dict[str, dict[int, list[int]]]:
     return out
 
 
+def _by_position(src_graph: gs.Graph, src_refs: list, dst_graph: gs.Graph, dst_refs: list, todo: list
+                 ) -> list[tuple[Any, Any, str]]:
+    """``(destination, source or None, "match" | "ambiguous" | "none")`` for each of ``todo`` by
+    :func:`position_keys`: a match needs exactly one source and one destination with the key."""
+    skeys = position_keys(src_graph, src_refs)
+    dkeys = position_keys(dst_graph, dst_refs)
+    src_by_key: dict[tuple, list] = defaultdict(list)
+    for s in src_refs:
+        if id(s) in skeys:
+            src_by_key[skeys[id(s)]].append(s)
+    dst_key_count = Counter(dkeys[id(d)] for d in todo if id(d) in dkeys)
+    out = []
+    for d in todo:
+        key = dkeys.get(id(d))
+        cands = src_by_key.get(key, []) if key is not None else []
+        if len(cands) == 1 and dst_key_count[key] == 1:
+            out.append((d, cands[0], "match"))
+        elif len(cands) > 1 or (key is not None and dst_key_count[key] > 1):
+            out.append((d, None, "ambiguous"))
+        else:
+            out.append((d, None, "none"))
+    return out
+
+
 def transplant(source: ModelLike, destination: ModelLike, *, by_position: bool = True, data: Any = None
                ) -> tuple[onnx.ModelProto, TransplantReport]:
     """Copy ``source``'s weights into ``destination``; return the new model and the report.
@@ -195,22 +219,12 @@ def transplant(source: ModelLike, destination: ModelLike, *, by_position: bool =
     todo = _requantize(src_graph, dst_graph, src_refs, dst_refs, todo, used_src, rep, by_position)
     if by_position and todo:
         remaining_src = [s for s in src_refs if id(s) not in used_src]
-        skeys = position_keys(src_graph, remaining_src)
-        dkeys = position_keys(dst_graph, dst_refs)
-        src_by_key: dict[tuple, list[WeightRef]] = defaultdict(list)
-        for s in remaining_src:
-            if id(s) in skeys:
-                src_by_key[skeys[id(s)]].append(s)
-        dst_key_count = Counter(dkeys[id(d)] for d in todo if id(d) in dkeys)
-        for d in todo:
-            key = dkeys.get(id(d))
-            cands = src_by_key.get(key, []) if key is not None else []
-            if len(cands) == 1 and dst_key_count[key] == 1:
-                s = cands[0]
+        for d, s, status in _by_position(src_graph, remaining_src, dst_graph, dst_refs, todo):
+            if status == "match":
                 _set_values(d, s.values)
                 rep.by_position.append((d.name, s.name))
                 used_src.add(id(s))
-            elif len(cands) > 1 or (key is not None and dst_key_count[key] > 1):
+            elif status == "ambiguous":
                 rep.ambiguous.append(d.name)
             else:
                 rep.unmatched_dst.append(d.name)
@@ -353,19 +367,9 @@ def _requantize(src_graph: gs.Graph, dst_graph: gs.Graph, src_refs: list[WeightR
             left.append(d)
     if by_position and left:
         remaining = [s for s in src_refs if id(s) not in used_src and s.dtype.kind == "f"]
-        skeys = position_keys(src_graph, remaining)
         others = [r for r in dst_refs if id(r.tensor) not in {id(x.q.tensor) for x in deq}]
-        dkeys = position_keys(dst_graph, [*others, *left])  # type: ignore[list-item]
-        by_key: dict[tuple, list[WeightRef]] = defaultdict(list)
-        for s in remaining:
-            if id(s) in skeys:
-                by_key[skeys[id(s)]].append(s)
-        counts = Counter(dkeys[id(x)] for x in left if id(x) in dkeys)
-        for d in left:
-            key = dkeys.get(id(d))
-            cands = by_key.get(key, []) if key is not None else []
-            if len(cands) == 1 and counts[key] == 1 and id(cands[0]) not in used_src:
-                s = cands[0]
+        for d, s, status in _by_position(src_graph, remaining, dst_graph, [*others, *left], left):
+            if status == "match":
                 rep.requantized.append({"dst": d.q.name, "src": s.name, "how": "position",
                                         "clipped": round(_requantize_one(d, s.values), 6)})
                 used_src.add(id(s))
