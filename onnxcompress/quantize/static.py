@@ -480,6 +480,7 @@ class QuantizeInt8Pass(Pass):
             if s.chan_absmax is None:
                 continue
             info = apply_smoothing(ln, graph, namer, s.chan_absmax, cfg.smoothquant)
+            graph.toposort(recurse_subgraphs=False)
             plan.notes.append(f"smoothquant {info['norm']}: alpha {info['alpha']}, scales "
                               f"{info['scale_min']:.3g}..{info['scale_max']:.3g}")
 
