@@ -169,3 +169,20 @@ def test_cache_round_trip_and_reuse_without_data(tmp_path):
     assert any("cache" in n for n in notes)
     x = {"x": rng.standard_normal((8, 16)).astype(np.float32)}
     np.testing.assert_array_equal(builders.run(first.model, x)[0], builders.run(second.model, x)[0])
+
+
+def test_folder_of_npz_feeds_with_varying_lengths(tmp_path):
+    m = _reshape_model()
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    xs = []
+    for i, t in enumerate((4, 9, 6)):
+        xs.append(rng.standard_normal((1, t, 8)).astype(np.float32))
+        np.savez(folder / f"{i:03d}.npz", x=xs[-1])
+    res = compress(m, Recipe(steps=(QuantizeInt8Config(mode="static", calib_method="percentile"),)), data=str(folder))
+    plan = res.report.to_dict()["steps"][0]["details"]["plan"]
+    x_range = next(t for t in plan["tensors"] if t["tensor"] == "x")
+    allx = np.concatenate([a.ravel() for a in xs])
+    assert allx.min() <= x_range["lo"] < 0 < x_range["hi"] <= allx.max()
+    assert res.passed
