@@ -203,3 +203,28 @@ def test_cli_apply_plan(base, compressed, tmp_path):
     assert main([str(src), str(out), "--apply-plan", str(plan), "--no-verify", "-q"]) == 0
     got = onnx.load(str(out))
     assert {k: v.shape for k, v in _weights(got).items()} == {k: v.shape for k, v in _weights(compressed).items()}
+
+
+def test_codebook_sizes_and_quantization_types_replay(base, tmp_path):
+    """share_weights and quantize_int8 are recomputed with their recorded config: the same number of
+    shared values per layer and the same quantized ops, with values (centres, scales) of the new weights."""
+    from onnxcompress.passes.registry import step_config_class
+    from onnxcompress.quantize.config import QuantizeInt8Config
+
+    share = step_config_class("share_weights")
+    steps = (WidthConfig(width=0.5), share(clusters=8, min_size=16), QuantizeInt8Config(mode="dynamic"))
+    c = compress(base, Recipe(steps=steps, verify=OFF))
+    path = tmp_path / "c.onnx"
+    onnx.save(c.model, path)
+    ft = _fine_tuned(base)
+    out = compress(ft, Recipe(steps=(ApplyPlanConfig(plan=str(path)),), verify=OFF))
+    modes = [(s["pass"], s["mode"]) for s in out.report.step("apply_plan").details["steps"]]
+    assert modes == [("width", "pinned"), ("share_weights", "recomputed"), ("quantize_int8", "recomputed")]
+    assert Counter(n.op_type for n in out.model.graph.node) == Counter(n.op_type for n in c.model.graph.node)
+    a, b = _weights(c.model), _weights(out.model)
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
+    shared = c.report.step("share_weights").details["tensors"]
+    again = out.report.step("apply_plan").details["tensors"]
+    for name, rec in shared.items():
+        assert again[name]["clusters"] == rec["clusters"]
+    assert any(not np.array_equal(a[k], b[k]) for k in a if a[k].dtype == np.int8)
