@@ -51,9 +51,10 @@ class QuantizeInt8Config(StepConfig):
                                           metavar="TYPES")
     keep_first_last: bool = option(False, "keep the first and the last quantizable layer in float",
                                    flag="--keep-first-last")
-    keep_sensitive_float: bool = option(True, "keep LayerNormalization (and its decomposition), Softmax, GELU/Erf, "
-                                        "residual Adds and embedding Gathers in float (what breaks int8 in "
-                                        "transformers)", flag="--keep-sensitive-float")
+    keep_sensitive_float: bool = option(True, "keep residual Adds (an Add of two activations feeding a normalization) "
+                                        "in float; LayerNorm and its decomposition, Softmax, GELU/Erf and embedding "
+                                        "Gathers always stay float in this pass (what breaks int8 in transformers)",
+                                        flag="--keep-sensitive-float")
     quantize_act_matmul: bool = option(True, "quantize MatMuls whose both inputs are activations "
                                        "(attention scores and context)", flag="--quantize-attention")
     matmul_float_output: bool = option(True, "a quantized MatMul whose output only float ops read gets no output "
