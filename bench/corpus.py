@@ -13,7 +13,9 @@ For each (model, recipe) the outcome is one of
 * ``n/a``      the pass had nothing to do here (graph unchanged, no skip);
 * ``declined`` the pass refused with a reason (a PreconditionError, or unchanged with skips), or a
                lossy preset refused the model's own test inputs as calibration data (NaN, empty);
-* ``FAIL``     anything else: an exception, an invalid model, a load failure, a parity failure.
+* ``parity``   a lossy preset's result missed its parity budget: compress() refuses to save it (the CLI
+               exits 1 and writes nothing) — the safety net working, the technique not fitting the model;
+* ``FAIL``     anything else: an exception, an invalid model, a load failure, a lossless parity failure.
 
 Separately, ``matches .pb`` says whether the compressed model also reproduces the test data's
 expected outputs (rtol 1e-3, atol 1e-7 as the onnx backend tests use) where the original does.
@@ -186,7 +188,7 @@ def is_lossless(recipe: Recipe) -> bool:
 
 @dataclass
 class Outcome:
-    status: str            # ok | n/a | declined | FAIL | skip (the original itself does not run here)
+    status: str            # ok | n/a | declined | parity | FAIL | skip (the original itself does not run here)
     reason: str = ""
     matches_pb: bool | None = None
     seconds: float = 0.0
@@ -275,8 +277,9 @@ def run_case(case: Case, recipe: Recipe, tmp: Path) -> Outcome:
     steps = result.report.steps
     modified = any(s.modified for s in steps)
     skips = [sk for s in steps for sk in s.skipped]
-    if not result.passed:
-        return Outcome("FAIL", f"parity: {result.parity.summary()}", seconds=time.perf_counter() - t0)
+    if not result.passed:  # lossless: a bug; lossy: the technique does not fit here, nothing would be written
+        return Outcome("FAIL" if lossless else "parity", f"parity: {result.parity.summary()}",
+                       seconds=time.perf_counter() - t0)
     out = tmp / f"{case.name}.onnx"
     try:
         result.save(out)
@@ -341,9 +344,11 @@ def markdown(cases: list[Case], results: dict[tuple[str, str], Outcome], notes: 
         f"Date: {datetime.date.today().isoformat()}. Command: `{command}` ({seconds:.0f} s).",
         "",
         f"{len(cases)} models × {len(names)} recipes = {len(results)} runs: "
-        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "n/a", "declined", "FAIL", "skip")) + ".",
-        "`ok`: changed, valid, loads in stock onnxruntime, within budget; `n/a`: nothing to do; `declined`: "
-        "refused with a reason; `skip`: the original model itself does not run in onnxruntime here.",
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "n/a", "declined", "parity", "FAIL", "skip")) + ".",
+        "`ok`: changed, valid, loads in stock onnxruntime, within budget (lossless: 1e-4 relative against the "
+        "original); `n/a`: nothing to do; `declined`: refused with a reason; `parity`: a lossy preset missed its "
+        "budget, so compress() refuses to save it (exit 1, nothing written); `FAIL`: a crash, an invalid model or "
+        "a lossless mismatch; `skip`: the original model itself does not run in onnxruntime here.",
     ]
     conv = sum(1 for c in cases if c.converted is not None)
     if conv:
@@ -362,7 +367,10 @@ def markdown(cases: list[Case], results: dict[tuple[str, str], Outcome], notes: 
         lines.append(f"| {c.suite} | {c.name} | " + " | ".join(cells) + " |")
     fails = [(k, o) for k, o in results.items() if o.status == "FAIL"]
     if fails:
-        lines += ["", "Failures:", ""] + [f"- {m} × {r}: {o.reason[:300]}" for (m, r), o in fails]
+        lines += ["", "Failures:", ""] + [f"- {m} × {r}: {' '.join(o.reason.split())[:300]}" for (m, r), o in fails]
+    by_recipe = Counter(r for (_, r), o in results.items() if o.status == "parity")
+    if by_recipe:
+        lines += ["", "Parity refusals by preset: " + ", ".join(f"{r} {n}" for r, n in by_recipe.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

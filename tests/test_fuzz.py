@@ -165,7 +165,7 @@ def valid_models(draw):
     return m, {"x": x}
 
 
-@settings(FUZZ, max_examples=250)
+@settings(FUZZ, max_examples=200)
 @given(data=valid_models(), which=st.integers(0, 64))
 def test_lossless_passes_keep_outputs_of_random_graphs(data, which):
     model, feed = data
@@ -242,7 +242,7 @@ def _lossless_pipeline():
     return Pipeline([make_pass(c()) for c in _lossless_configs()])
 
 
-@settings(FUZZ, max_examples=2500)
+@settings(FUZZ, max_examples=1500)
 @given(blob=mutated())
 def test_mutated_files_give_only_onnxcompress_errors(blob):
     """Load, import, run the lossless passes and export: a model or a clear OnnxCompressError."""
@@ -261,7 +261,7 @@ def test_mutated_files_give_only_onnxcompress_errors(blob):
         pass
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=100)
 @given(blob=mutated())
 def test_mutated_files_through_compress_and_verify(blob, tmp_path_factory):
     """The whole path, onnxruntime verification and saving included, on fewer examples."""
