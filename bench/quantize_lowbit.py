@@ -238,7 +238,7 @@ def trap_table(work: Path) -> list[dict]:
         src = work / f"trap-{name.replace(' ', '_')}.onnx"
         onnx.save(model, src)
         feeds = {i.name: np.random.default_rng(0).standard_normal(
-            [d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in model.graph.input}
+            [d.dim_value or 4 for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in model.graph.input}
         ref = builders.run(model, feeds)[0]
         for tool, make in (("onnxruntime", _ort_fp16), ("onnxcompress", _ours([ConvertFp16Config()], prefix=False))):
             dst = str(work / f"trap-{tool}-{src.stem}.onnx")

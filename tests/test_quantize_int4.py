@@ -285,10 +285,17 @@ def test_cuda_provider_runs_matmulnbits():
 
 
 def test_output_layer_stays_float_by_default():
-    m = builders.mlp((64, 96, 10))
+    m = builders.mlp((128, 96, 10))  # the output layer holds 7% of the weights
     out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(min_elements=0)))
     assert op_counts(out)[MS_NBITS] == 1 and op_counts(out)["MatMul"] == 1
     assert {s.node: s.reason for s in res.skipped} == {"MatMul_1": "the output layer stays float (keep_last)"}
     # in If branches each branch's output layer is found too
     out, res = apply_pass(builders.with_if_subgraph(m), QuantizeInt4Pass(QuantizeInt4Config(min_elements=0)))
     assert op_counts(out)[MS_NBITS] == 2 and op_counts(out)["MatMul"] == 2
+
+
+def test_large_output_layer_is_quantized():
+    """keep_last only keeps output layers that hold at most keep_last_max_share of the weights."""
+    m = builders.mlp((64, 96, 256))  # the output layer holds 24576 of 30720 weight elements
+    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(min_elements=0)))
+    assert op_counts(out)[MS_NBITS] == 2 and not res.skipped

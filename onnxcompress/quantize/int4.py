@@ -36,8 +36,9 @@ half the fp32 latency at batch 1, ~3.5% of the output std of extra error); 0 com
 (exact up to the 4-bit weights, 1.1–1.3× slower than fp32). The default is 4; see
 docs/benchmarks.md (quantize-int4-fp16) for the measured accuracy of both.
 
-**May I?** Not the output layer (``keep_last``, default on: a classifier or lm_head is small and
-the most sensitive layer, so it stays float as GPTQ/AWQ tools keep it). MatMul with a constant float32
+**May I?** Not the output layer when it is small (``keep_last``, default on, for output layers with
+at most ``keep_last_max_share`` = 10% of the weights: a classifier is cheap to keep and the most
+sensitive layer, as GPTQ/AWQ tools keep their lm_head). MatMul with a constant float32
 rank-2 B and a non-constant A; Gemm with transA = 0 and a
 bias C that is a constant vector (or absent). A weight read by other nodes is quantized once and
 shared only when every reader is such a MatMul/Gemm reading it the same way; a weight that is a graph
@@ -253,7 +254,10 @@ class QuantizeInt4Config(StepConfig):
                                       metavar="PATTERNS")
     keep_last: bool = option(True, "keep the output layer (a MatMul/Gemm from which a graph output is reached "
                              "without another MatMul/Gemm/Conv: a classifier, an lm_head) in float, as GPTQ/AWQ "
-                             "tools do", flag="--int4-keep-last")
+                             "tools do, when it is small (keep_last_max_share)", flag="--int4-keep-last")
+    keep_last_max_share: float = option(0.1, "keep_last applies only to output layers holding at most this share of "
+                                        "the MatMul/Gemm weight elements (a large output layer is where the bytes are)",
+                                        minimum=0.0, maximum=1.0)
 
 
 @dataclass
@@ -314,9 +318,17 @@ def _check_target(node: gs.Node, graph: gs.Graph, cfg: QuantizeInt4Config) -> tu
 _LAYER_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits", "MatMulInteger")
 
 
-def output_layers(graph: gs.Graph) -> set[int]:
+def _weight_elements(node: gs.Node) -> int:
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    ref = weight_ref(w, None) if w is not None else None
+    return ref.size if ref is not None else 0
+
+
+def output_layers(graph: gs.Graph, max_share: float = 1.0) -> set[int]:
     """ids of the MatMul/Gemm nodes from which an output of their (sub)graph is reached without
-    passing another layer (MatMul, Gemm, Conv ...): the output layers."""
+    passing another layer (MatMul, Gemm, Conv ...) — the output layers — that hold at most
+    ``max_share`` of the weight elements of all MatMul/Gemm nodes."""
+    total = sum(_weight_elements(n) for n, _ in iter_nodes(graph) if n.op in ("MatMul", "Gemm"))
     found: set[int] = set()
     for g in iter_graphs(graph):
         seen: set[int] = set()
@@ -328,7 +340,7 @@ def output_layers(graph: gs.Graph) -> set[int]:
                     continue
                 seen.add(id(p))
                 if p.op in _LAYER_OPS:
-                    if p.op in ("MatMul", "Gemm"):
+                    if p.op in ("MatMul", "Gemm") and _weight_elements(p) <= max_share * total:
                         found.add(id(p))
                     continue
                 stack.extend(x for x in p.inputs if not isinstance(x, gs.Constant))
@@ -366,7 +378,7 @@ class QuantizeInt4Pass(Pass):
         res = PassResult()
         namer = Namer.for_graph(graph)
         targets: list[_Target] = []
-        last = output_layers(graph) if cfg.keep_last else set()
+        last = output_layers(graph, cfg.keep_last_max_share) if cfg.keep_last else set()
         for node, g in iter_nodes(graph):
             if node.op not in ("MatMul", "Gemm") or (node.domain or "") not in ("", "ai.onnx"):
                 continue
