@@ -256,7 +256,8 @@ class QuantizeInt4Config(StepConfig):
                              "without another MatMul/Gemm/Conv: a classifier, an lm_head) in float, as GPTQ/AWQ "
                              "tools do, when it is small (keep_last_max_share)", flag="--int4-keep-last")
     keep_last_max_share: float = option(0.1, "keep_last applies only to output layers holding at most this share of "
-                                        "the MatMul/Gemm weight elements (a large output layer is where the bytes are)",
+                                        "the weight elements of all layers (MatMul, Gemm, Conv): a large output "
+                                        "layer is where the bytes are",
                                         minimum=0.0, maximum=1.0)
 
 
@@ -327,8 +328,8 @@ def _weight_elements(node: gs.Node) -> int:
 def output_layers(graph: gs.Graph, max_share: float = 1.0) -> set[int]:
     """ids of the MatMul/Gemm nodes from which an output of their (sub)graph is reached without
     passing another layer (MatMul, Gemm, Conv ...) — the output layers — that hold at most
-    ``max_share`` of the weight elements of all MatMul/Gemm nodes."""
-    total = sum(_weight_elements(n) for n, _ in iter_nodes(graph) if n.op in ("MatMul", "Gemm"))
+    ``max_share`` of the weight elements of all layers."""
+    total = sum(_weight_elements(n) for n, _ in iter_nodes(graph) if n.op in _LAYER_OPS)
     found: set[int] = set()
     for g in iter_graphs(graph):
         seen: set[int] = set()
