@@ -50,9 +50,10 @@ def _presets() -> tuple[Preset, ...]:
                lambda: [ConvertFp16Config()]),
         Preset("bf16", "--bf16", "bfloat16 where onnxruntime runs it (few CPU kernels: elsewhere float32 compute "
                "with bfloat16 weights)", lambda: [ConvertFp16Config(dtype="bfloat16")]),
-        Preset("deep_compression", "--deep-compression", "Deep Compression: magnitude pruning -> k-means weight sharing "
-               "(16 values per layer) -> layer-wise repair from the original model (with --calib-data) -> compact "
-               "sparse storage; the summary shows each stage's ratio", deep_compression_steps),
+        Preset("deep_compression", "--deep-compression", "Deep Compression: 90%% magnitude pruning -> k-means "
+               "weight sharing (16 codes per layer) -> layer-wise repair from the original model (with "
+               "--calib-data) -> compact sparse storage; the summary shows each stage's ratio",
+               deep_compression_steps),
     )
 
 

@@ -83,7 +83,7 @@ def test_deep_compression_with_and_without_data(mlp):
     with_data = compress(path, recipe, data=calib)
     acc_t = digits_accuracy(str(path))
     acc_n, acc_d = digits_accuracy(no_data.model), digits_accuracy(with_data.model)
-    # the repair is what makes 92% sparsity + 16 values usable on this small MLP (seen: 0.50 -> 0.85)
+    # the repair is what makes 90% sparsity + 16 codes usable on this small MLP
     assert acc_d >= acc_n + 0.15 and acc_d >= acc_t - 0.2
     assert not no_data.report.step("distill").modified
     assert any("no calibration data" in n for n in no_data.report.notes)

@@ -129,14 +129,17 @@ class CompressionStagesPass(Pass):
 
 
 def deep_compression_steps() -> list[StepConfig]:
-    """``--deep-compression``: magnitude pruning (92% of the weights, ranked globally, as the paper's
-    LeNet-300-100 kept 8%) → k-means sharing (16 values, zero pinned, layers from 256 elements) →
-    distill (with data) → the stage table → compact storage (layers from 256 elements)."""
+    """``--deep-compression``: magnitude pruning (90% of the weights, ranked globally, near the 92% the
+    paper pruned from LeNet-300-100) → k-means sharing (16 codes, zero pinned, layers from 256
+    elements) → distill (with data) → the stage table → compact storage (layers from 256 elements).
+
+    90% rather than 92%: without retraining, the repair keeps the digits MLP within a point of its
+    accuracy at 90% (97.6% → 97.3%) but not at 92% (→ 95.1%), measured with bench/transfer.py."""
     from onnxcompress.encode.compact import CompactStorageConfig
     from onnxcompress.passes.registry import step_config_class
     from onnxcompress.prune.sparsity import SparsifyConfig
     from onnxcompress.transfer.reconstruct import DistillConfig
 
     share = step_config_class("share_weights")
-    return [SparsifyConfig(ratio=0.92, scope="global"), share(clusters=16, min_size=256), DistillConfig(),
+    return [SparsifyConfig(ratio=0.9, scope="global"), share(clusters=16, min_size=256), DistillConfig(),
             CompressionStagesConfig(), CompactStorageConfig(min_elements=256)]

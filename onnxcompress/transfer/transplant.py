@@ -328,8 +328,8 @@ def _requantize_one(d: _Dequantized, values: np.ndarray) -> float:
             lo, hi = np.minimum(np.min(w, axis=red), 0.0), np.maximum(np.max(w, axis=red), 0.0)
             scale = (hi - lo) / (info.max - info.min)
             zp = np.round(info.min - lo / np.where(scale > 0, scale, 1.0))
-        scale = np.where(scale > 0, scale, np.asarray(s_old, np.float64).reshape(scale.shape) if s_old.size == scale.size
-                         else 1.0)
+        fallback = np.asarray(s_old, np.float64).reshape(scale.shape) if s_old.size == scale.size else 1.0
+        scale = np.where(scale > 0, scale, fallback)
         _set_values(s_ref, scale.reshape(s_old.shape).astype(s_old.dtype))
         if z_ref is not None:
             _set_values(z_ref, np.clip(zp, info.min, info.max).reshape(z_old.shape).astype(z_old.dtype))
