@@ -122,3 +122,21 @@ def test_cli_flag_adds_the_step():
     recipe = recipe_from_args(p.parse_args(["in.onnx", "--low-rank", "0.8", "--low-rank-data-aware"]), targets, owners)
     step = recipe.step("low_rank")
     assert step.energy == 0.8 and step.data_aware
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_bundled_models_keep_digits_accuracy_at_energy_09(name):
+    from fuse_models import bundled
+
+    path = bundled(name)
+    if path is None:
+        pytest.skip(f"models/{name}.onnx not built yet")
+    import onnx
+
+    from onnxcompress.datasets import digits_accuracy
+
+    m = onnx.load(str(path))
+    out, res = low_rank(m, energy=0.9, min_size=1024)
+    assert res.details["factorized"] >= 2
+    assert all(r["params_after"] < r["params_before"] for r in res.details["tensors"].values())
+    assert digits_accuracy(out) >= digits_accuracy(m) - 0.02

@@ -167,3 +167,22 @@ def test_config_validation_and_cli():
     assert step.k == 8 and step.channel_groups == 4
     x, _ = digits_data("calib")
     assert x.shape[1] == 64
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_bundled_models_keep_digits_accuracy_at_k16(name):
+    from fuse_models import bundled
+
+    path = bundled(name)
+    if path is None:
+        pytest.skip(f"models/{name}.onnx not built yet")
+    from onnxcompress.datasets import digits_accuracy
+
+    m = onnx.load(str(path))
+    out, res = share(m, clusters=16)
+    assert res.details["weights_shared"] >= 2
+    for rec in res.details["tensors"].values():
+        assert rec["distinct"] <= 16
+    if name == "transformer":   # the token embedding table is shared too
+        assert any(len(r["shape"]) == 2 and r["axis"] == 0 for r in res.details["tensors"].values())
+    assert digits_accuracy(out) >= digits_accuracy(m) - 0.01
