@@ -18,8 +18,10 @@ rule is deterministic):
 
 Which weights: the weight inputs of MatMul, Gemm, Conv and ConvTranspose. Biases (Gemm/Conv ``C``/``B``,
 ``Add`` of a constant after them), normalization parameters and embedding tables (``Gather`` data)
-are left alone unless ``include`` names their role. A weight read by any other op, one that is a
-graph output, or one shared by uses of different roles is reported as a Skip and left unchanged.
+are left alone unless ``include`` names their role (counted in ``details["left_alone"]``, as are
+constants of rank < 2 read by other ops: scales, epsilons, shapes). A matrix read by any other op,
+a weight that is a graph output, or one shared by uses of different roles is reported as a Skip and
+left unchanged.
 
 Per-layer overrides (``overrides``, ``--prune-override``): ``PATTERN=VALUE``, ``PATTERN`` an fnmatch
 glob on the weight's name or any consumer node's name, ``VALUE`` one of ``skip``, a number (this
@@ -250,7 +252,8 @@ class SparsifyPass(Pass):
         for ref in iter_weights(graph, float_only=True):
             uses = [weight_role(c, i, len(ref.shape)) for c in ref.consumers
                     for i, t in enumerate(c.inputs) if t is ref.tensor]
-            if not uses or all(u.role in ROLES and u.role not in cfg.include for u in uses):
+            quiet = all(u.role == "unknown" for u in uses) and len(ref.shape) < 2  # scalars, scales, shapes
+            if not uses or quiet or all(u.role in ROLES and u.role not in cfg.include for u in uses):
                 for role in {u.role for u in uses}:  # biases, norms, embeddings: left alone by default
                     left_alone[role] = left_alone.get(role, 0) + 1
                 continue
