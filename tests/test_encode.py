@@ -376,3 +376,24 @@ def test_after_the_storage_pass_the_integer_codes_are_stored_sparsely(bits):
     assert weight_bytes(out) < 0.6 * weight_bytes(stored)
     assert_bit_identical(stored, out, feed(base))
     assert "ScatterElements" not in optimized_ops(out) and "Gather" not in optimized_ops(out)
+
+
+def test_external_data_model_through_compress(tmp_path):
+    """Weights read lazily from a .data file are encoded; the result saves and runs the same."""
+    from onnxcompress.api import compress
+    from onnxcompress.recipe import VerifyConfig
+    from onnxcompress.recipes import default_recipe
+
+    ref = sparse_mlp(sparsity=0.9)
+    src = tmp_path / "in.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(ref)  # onnx.save moves the tensors of the proto it is given
+    onnx.save(copy, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="in.data",
+              size_threshold=0)
+    result = compress(src, default_recipe().replace(verify=VerifyConfig(enabled=False)))
+    table = result.report.step("compact_storage").details["tensors"]
+    assert {table["W0"]["encoding"], table["W1"]["encoding"]} <= {"bitmask+raw", "gaps4+raw", "gaps8+raw"}
+    out = result.save(tmp_path / "out.onnx", external_data=True)
+    assert (tmp_path / "out.onnx.data").stat().st_size < 0.35 * (tmp_path / "in.data").stat().st_size
+    f = feed(ref)
+    assert np.array_equal(b.run(str(out), f, optimize=True)[0], b.run(ref, f, optimize=True)[0])
