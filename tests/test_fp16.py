@@ -267,3 +267,23 @@ def test_encoder_with_attention_mask_bias():
     assert "exceeds the float16 range" in by_node["softmax"]
     assert res.details["half_nodes"] == 21
     assert _within(ref, run1(out, feeds), U16, 12)
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--int4"], [("quantize_int4", {}), ("quantize_embedding", {})]),
+    (["--int4", "--int4-block-size", "64", "--int4-format", "qdq"],
+     [("quantize_int4", {"block_size": 64, "format": "qdq"}), ("quantize_embedding", {})]),
+    (["--fp16"], [("convert_fp16", {"dtype": "float16"})]),
+    (["--bf16"], [("convert_fp16", {"dtype": "bfloat16"})]),
+    (["--fp16", "--half-compute", "float"], [("convert_fp16", {"compute": "float"})]),
+])
+def test_presets_and_flags(flags, expect, capsys):
+    import json
+
+    from onnxcompress.cli import main
+
+    assert main(["in.onnx", *flags, "--print-recipe"]) == 0
+    steps = {s["pass"]: s for s in json.loads(capsys.readouterr().out)["steps"]}
+    for name, fields in expect:
+        assert name in steps
+        assert all(steps[name][k] == v for k, v in fields.items())
