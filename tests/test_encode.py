@@ -397,3 +397,28 @@ def test_external_data_model_through_compress(tmp_path):
     assert (tmp_path / "out.onnx.data").stat().st_size < 0.35 * (tmp_path / "in.data").stat().st_size
     f = feed(ref)
     assert np.array_equal(b.run(str(out), f, optimize=True)[0], b.run(ref, f, optimize=True)[0])
+
+
+def test_loop_body_weight_is_encoded_and_folds_inside_the_body():
+    rng = np.random.default_rng(0)
+    w = (0.1 * rng.standard_normal((64, 64))).astype(np.float32)
+    w[rng.random(w.shape) < 0.9] = 0
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("MatMul", ["h_in", "Wb"], ["h_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("h_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "Wb")])
+    g = helper.make_graph([helper.make_node("Loop", ["n", "c", "x"], ["y"], body=body)], "loop",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+                          [numpy_helper.from_array(np.array(3, np.int64), "n"), numpy_helper.from_array(np.array(True), "c")])
+    ref = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    ref.ir_version = 10
+    out, (res,) = apply_passes(ref, CompactStoragePass())
+    onnx.checker.check_model(out)
+    row = res.details["tensors"]["Wb"]
+    assert row["graph"] == "body" and row["encoded_bytes"] < 0.2 * row["dense_bytes"]
+    assert "ScatterElements" in ops(out) and sorted(optimized_ops(out)) == sorted(optimized_ops(ref))
+    assert_bit_identical(ref, out, feed(ref))
