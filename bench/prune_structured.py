@@ -1,9 +1,11 @@
 """Structured pruning benchmark: accuracy, parameters, FLOPs, file size and CPU latency, side by side.
 
 For each digits model and each variant (``prune_channels`` at 25 / 50 % of the channels of every
-dependency group with l1, bn or activation importance, activation with bias correction, and
-``merge_neurons`` at 25 / 50 %; one-shot, no fine-tuning; calibration data: the digits calib split) the variant is produced with ``onnxcompress.compress`` (that step only) and compared
-against the fp32 input in the same process:
+dependency group with l1, bn or activation importance, with and without bias correction, l1
+followed by the ``distill`` repair from the original model, and ``merge_neurons`` at 25 / 50 %; for
+CNNs also l1 with ``--round-to 8``; calibration data: the digits calib split; no fine-tuning) the
+variant is produced with ``onnxcompress.compress`` (those steps only) and compared against the fp32
+input in the same process:
 
 * digits test accuracy (450 samples, :mod:`onnxcompress.datasets`);
 * parameters and FLOPs (Conv/Gemm/MatMul, ``prune_channels.model_cost``) and file size, relative;
@@ -12,9 +14,11 @@ against the fp32 input in the same process:
 
 Models: ``models/mlp.onnx`` and ``models/cnn.onnx`` when they are built; without the bundled MLP a
 LeNet-300-100 MLP is trained here with scikit-learn on the same train split. The digits CNN reads
-8x8 images, so its latency is dominated by per-op overhead, not arithmetic: the speed-up target is
-measured as well on a wider synthetic CNN (random weights; ResNet-style blocks with BatchNorm,
-3x32x32 input, 64 and 128 channels), where only structure and latency mean something.
+8x8 images, so its latency is dominated by per-op overhead, not arithmetic: latency is measured as
+well on the same architecture with random weights (what the bundled CNN is: 1->16 stem, one
+16-channel residual block, strided 16->32, pool, Linear; usable when models/cnn.onnx is not built)
+and on a wider synthetic CNN (ResNet-style blocks with BatchNorm, 3x32x32 input, 64 and 128
+channels). For random-weight models only structure and latency mean something.
 
     python bench/prune_structured.py                 # prints the tables
     python bench/prune_structured.py --write-docs    # ... and writes them into docs/benchmarks.md
@@ -42,30 +46,37 @@ if str(ROOT) not in sys.path:
 SECTION = "prune-structured"
 
 
-def variants(kind: str) -> list[tuple[str, object]]:
+def variants(kind: str) -> list[tuple[str, tuple]]:
+    """``(label, steps)``; ``kind`` is mlp, cnn (digits models, with data) or synthetic."""
     from onnxcompress.fuse.neuron_merge import MergeNeuronsConfig
-    from onnxcompress.prune.channels import PruneChannelsConfig
+    from onnxcompress.prune.channels import PruneChannelsConfig as Prune
+    from onnxcompress.transfer.reconstruct import DistillConfig
 
-    out = [("fp32", None)]
+    out: list[tuple[str, tuple]] = [("fp32", ())]
     for r in (0.25, 0.5):
-        out.append((f"prune {r:.0%} l1", PruneChannelsConfig(ratio=r, importance="l1")))
+        p = f"prune {r:.0%}"
+        out.append((f"{p} l1", (Prune(ratio=r),)))
+        if kind != "mlp":
+            out.append((f"{p} l1 round-to 8", (Prune(ratio=r, round_to=8),)))
+        if kind == "synthetic":
+            continue
         if kind == "cnn":
-            out.append((f"prune {r:.0%} bn", PruneChannelsConfig(ratio=r, importance="bn")))
-        if kind != "synthetic":
-            out.append((f"prune {r:.0%} activation", PruneChannelsConfig(ratio=r, importance="activation")))
-            out.append((f"prune {r:.0%} activation + bias corr.",
-                        PruneChannelsConfig(ratio=r, importance="activation", bias_correction=True)))
-            out.append((f"merge {r:.0%}", MergeNeuronsConfig(ratio=r)))
+            out.append((f"{p} bn", (Prune(ratio=r, importance="bn"),)))
+        out.append((f"{p} activation", (Prune(ratio=r, importance="activation"),)))
+        out.append((f"{p} l1 + bias corr.", (Prune(ratio=r, bias_correction=True),)))
+        out.append((f"{p} activation + bias corr.", (Prune(ratio=r, importance="activation", bias_correction=True),)))
+        out.append((f"{p} l1 + distill repair", (Prune(ratio=r), DistillConfig())))
+        out.append((f"merge {r:.0%}", (MergeNeuronsConfig(ratio=r),)))
     return out
 
 
-def make(model: onnx.ModelProto, step, calib) -> onnx.ModelProto:
+def make(model: onnx.ModelProto, steps: tuple, calib) -> onnx.ModelProto:
     from onnxcompress.api import compress
     from onnxcompress.recipe import Recipe, VerifyConfig
 
-    if step is None:
+    if not steps:
         return model
-    return compress(model, Recipe(steps=(step,), verify=VerifyConfig(enabled=False)), data=calib).model
+    return compress(model, Recipe(steps=steps, verify=VerifyConfig(enabled=False)), data=calib).model
 
 
 def session(model: onnx.ModelProto):
@@ -123,9 +134,11 @@ def sklearn_mlp() -> onnx.ModelProto:
     return m
 
 
-def synthetic_cnn(seed: int = 0, size: int = 32) -> onnx.ModelProto:
-    """conv64-bn-relu, 2 residual blocks (64), strided conv128-bn-relu, 1 residual block (128),
-    global average pool, Gemm 128->10; He-initialised random weights."""
+def synthetic_cnn(seed: int = 0, size: int = 32, cin: int = 3, widths: tuple[int, int] = (64, 128),
+                  blocks: tuple[int, int] = (2, 1)) -> onnx.ModelProto:
+    """conv(w1)-bn-relu, ``blocks[0]`` residual blocks, strided conv(w2)-bn-relu, ``blocks[1]`` residual
+    blocks, global average pool, Gemm w2->10; He-initialised random weights. The defaults are the
+    wide CNN; ``cin=1, size=8, widths=(16, 32), blocks=(1, 0)`` is the bundled digits CNN's architecture."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     count = [0]
@@ -154,15 +167,20 @@ def synthetic_cnn(seed: int = 0, size: int = 32) -> onnx.ModelProto:
         nodes.append(helper.make_node("Relu", [f"{y}_add"], [f"{y}_out"], name=f"{y}_out"))
         return f"{y}_out"
 
-    h = block(block(conv_bn("x", 3, 64), 64), 64)
-    h = block(conv_bn(h, 64, 128, stride=2), 128)
+    w1, w2 = widths
+    h = conv_bn("x", cin, w1)
+    for _ in range(blocks[0]):
+        h = block(h, w1)
+    h = conv_bn(h, w1, w2, stride=2)
+    for _ in range(blocks[1]):
+        h = block(h, w2)
     nodes.append(helper.make_node("GlobalAveragePool", [h], ["gap"], name="gap"))
     nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
-    inits += [numpy_helper.from_array((rng.standard_normal((10, 128)) / 11).astype(np.float32), "fc.w"),
+    inits += [numpy_helper.from_array((rng.standard_normal((10, w2)) / np.sqrt(w2)).astype(np.float32), "fc.w"),
               numpy_helper.from_array(np.zeros(10, np.float32), "fc.b")]
     nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1))
     g = helper.make_graph(nodes, "wide_cnn",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", cin, size, size])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
@@ -188,7 +206,7 @@ def bench(name: str, model: onnx.ModelProto, kind: str, batch: int, rounds: int,
         calib = None
         shape = [batch] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
         feed = {model.graph.input[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    built = {label: make(model, step, calib) for label, step in variants(kind)}
+    built = {label: make(model, steps, calib) for label, steps in variants(kind)}
     speed = speedups(built, feed, rounds, reps)
     base_cost, base_size = model_cost(model), model.ByteSize()
     rows = []
@@ -215,7 +233,9 @@ def render(rows: list[dict], command: str, batch: int, notes: list[str]) -> str:
         f"Machine: {cpu}, {os.cpu_count()} cores (shared), onnxruntime {onnxruntime.__version__}; "
         f"{datetime.date.today().isoformat()}; `{command}`",
         "",
-        "One-shot structured pruning / neuron merging, no fine-tuning. Ratios are against the fp32 input "
+        "Structured pruning / neuron merging without fine-tuning (\"+ distill repair\": the transfer "
+        "package's layer-wise repair from the original on the 256 calibration samples). "
+        "Ratios are against the fp32 input "
         f"in the same run; speed-up = fp32 latency / variant latency at batch {batch} (one thread, "
         "onnxruntime default optimizations, median of interleaved rounds).",
         "",
@@ -226,6 +246,14 @@ def render(rows: list[dict], command: str, batch: int, notes: list[str]) -> str:
         acc = f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "n/a (random weights)"
         lines.append(f"| {r['model']} | {r['variant']} | {acc} | {r['params']:.3f} | {r['flops']:.3f} | "
                      f"{r['size']:.3f} | {r['speedup']:.2f}x |")
+    same = {}
+    for r in rows:
+        same.setdefault((r["model"], round(r["params"], 6), round(r["flops"], 6)), []).append(r)
+    for (model, _, _), rs in same.items():
+        if len(rs) > 1 and all(r["accuracy"] is None for r in rs):
+            spread = max(r["speedup"] for r in rs) / min(r["speedup"] for r in rs)
+            notes.append(f"{model}: {' and '.join(r['variant'] for r in rs)} are the same network (same shapes); "
+                         f"their speed-ups differ by {spread - 1:.0%}, which is this run's timing noise.")
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
@@ -241,7 +269,7 @@ def write_docs(text: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--size", type=int, default=32, help="input size of the synthetic CNN")
     ap.add_argument("--write-docs", action="store_true")
@@ -261,7 +289,10 @@ def main(argv=None) -> int:
             notes.append("models/mlp.onnx was not built when this ran: the MLP is LeNet-300-100 trained "
                          "here with scikit-learn on the digits train split.")
         rows += bench(label, model, name, args.batch, args.rounds, args.reps)
-    rows += bench(f"synthetic CNN 3x{args.size}x{args.size}", synthetic_cnn(size=args.size), "synthetic",
+    digits_arch = synthetic_cnn(size=8, cin=1, widths=(16, 32), blocks=(1, 0))
+    rows += bench("digits-CNN architecture, random weights", digits_arch, "synthetic", args.batch, 2 * args.rounds,
+                  args.reps * 4)
+    rows += bench(f"wide synthetic CNN 3x{args.size}x{args.size}", synthetic_cnn(size=args.size), "synthetic",
                   args.batch, args.rounds, max(1, args.reps // 3))
     command = "python bench/prune_structured.py" + (" " + " ".join(argv) if argv else "")
     text = render(rows, command, args.batch, notes)

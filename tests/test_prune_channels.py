@@ -385,7 +385,8 @@ def _mean_shift(model, out, x) -> float:
 
 def test_bias_correction_keeps_the_mean_output_on_the_calibration_data():
     """The next layer is linear in the pruned channels, so its mean over the calibration data is
-    restored exactly (MatMul + Add bias; Gemm C; 1x1 Conv bias), and not without correction."""
+    restored exactly (MatMul + Add bias; Gemm C; 1x1 Conv bias; the running mean of the BatchNormalization
+    after a Conv without bias), and not without correction."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((256, 16)).astype(np.float32)
     calib = [{"x": x[i:i + 64]} for i in range(0, 256, 64)]
@@ -395,9 +396,12 @@ def test_bias_correction_keeps_the_mean_output_on_the_calibration_data():
     n = Net(shape=("N", 4, 5, 5))
     c = n.node("Relu", [n.conv("x", 4, 12, k=1)])
     conv = n.model(n.conv(c, 12, 3, k=1), ("N", 3, 5, 5))
+    n = Net(shape=("N", 4, 5, 5))
+    c = n.node("Relu", [n.conv("x", 4, 12, k=1)])
+    conv_bn = n.model(n.bn(n.conv(c, 12, 3, k=1, bias=False), 3), ("N", 3, 5, 5))  # correction goes to BN's mean
     xc = rng.standard_normal((256, 4, 5, 5)).astype(np.float32)
-    cases = [(mlp((16, 32, 8), seed=1), x, calib), (linear_gemm, x, calib),
-             (conv, xc, [{"x": xc[i:i + 64]} for i in range(0, 256, 64)])]
+    calib_c = [{"x": xc[i:i + 64]} for i in range(0, 256, 64)]
+    cases = [(mlp((16, 32, 8), seed=1), x, calib), (linear_gemm, x, calib), (conv, xc, calib_c), (conv_bn, xc, calib_c)]
     for model, data, feeds in cases:
         shifts = []
         for bc in (False, True):
