@@ -133,3 +133,15 @@ def encoder_feeds(n: int, *, seed: int = 0, vocab: int = 64, seq: int = 16) -> d
     for i in range(n):
         mask[i, rng.integers(seq // 2, seq + 1):] = 0
     return {"tokens": rng.integers(0, vocab, (n, seq)).astype(np.int64), "mask": mask}
+
+
+def bundled(name: str) -> onnx.ModelProto:
+    """A bundled digits model, or skip the test when it has not been built."""
+    import pytest
+
+    from onnxcompress import datasets
+
+    try:
+        return onnx.load(datasets.bundled_model_path(name))
+    except Exception as e:  # built by tools/build_models.py
+        pytest.skip(f"bundled digits model {name!r} not available: {e}")

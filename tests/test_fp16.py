@@ -287,3 +287,17 @@ def test_presets_and_flags(flags, expect, capsys):
     for name, fields in expect:
         assert name in steps
         assert all(steps[name][k] == v for k, v in fields.items())
+
+
+@pytest.mark.parametrize("variant", ["constant_nodes", "if_subgraph"])
+def test_bundled_cnn_variants_keep_accuracy(variant):
+    from lowbit_helpers import bundled
+
+    from onnxcompress import datasets
+
+    fp32 = bundled("cnn")
+    m = builders.with_constant_nodes(fp32) if variant == "constant_nodes" else builders.with_if_subgraph(fp32)
+    out, res = apply_pass(m, ConvertFp16Pass(ConvertFp16Config()))
+    assert res.details["half_nodes"] >= 16
+    assert _io_types(out) == _io_types(m)
+    assert abs(datasets.digits_accuracy(out) - datasets.digits_accuracy(fp32)) <= 0.005

@@ -299,3 +299,17 @@ def test_large_output_layer_is_quantized():
     m = builders.mlp((64, 96, 256))  # the output layer holds 24576 of 30720 weight elements
     out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(min_elements=0)))
     assert op_counts(out)[MS_NBITS] == 2 and not res.skipped
+
+
+@pytest.mark.parametrize("variant", ["constant_nodes", "if_subgraph"])
+def test_bundled_mlp_variants_keep_accuracy(variant):
+    from lowbit_helpers import bundled
+
+    from onnxcompress import datasets
+
+    fp32 = bundled("mlp")
+    m = builders.with_constant_nodes(fp32) if variant == "constant_nodes" else builders.with_if_subgraph(fp32)
+    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(accuracy_level=0)))
+    # two of three Gemm per copy of the graph (the output layer stays float); If: both branches
+    assert op_counts(out)[MS_NBITS] == (2 if variant == "constant_nodes" else 4)
+    assert datasets.digits_accuracy(out) >= datasets.digits_accuracy(fp32) - 0.01
