@@ -251,23 +251,27 @@ def test_constant_node_and_if_subgraph_weights(variant):
     assert _lossless(expect, run1(out, {"x": x}))
 
 
-def test_digits_mlp_accuracy_not_below_onnxruntime_rtn(tmp_path):
-    datasets = pytest.importorskip("onnxcompress.datasets")
-    try:
-        path = datasets.bundled_model_path("mlp")
-    except Exception as e:  # the bundled models are built by another step
-        pytest.skip(f"bundled digits MLP not available: {e}")
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_digits_accuracy_not_below_onnxruntime_rtn(name):
+    """Same block size (32) and accuracy level. onnxruntime's tool quantizes MatMul nodes only (the
+    MLP's three Gemm stay float there); ours quantizes Gemm too and is still not less accurate."""
+    from lowbit_helpers import bundled
+
+    from onnxcompress import datasets
+
+    fp32 = bundled(name)
     pytest.importorskip("onnx_ir", reason="onnxruntime's MatMulNBitsQuantizer needs onnx-ir")
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    fp32 = onnx.load(path)
     ours, _ = apply_pass(fp32, QuantizeInt4Pass(QuantizeInt4Config(accuracy_level=0)))
-    q = MatMulNBitsQuantizer(onnx.load(path), block_size=32, is_symmetric=False, accuracy_level=0)
+    q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(fp32.SerializeToString()), block_size=32,
+                             is_symmetric=False, accuracy_level=0)
     q.process()
     theirs = q.model.model
     acc = {k: datasets.digits_accuracy(v) for k, v in (("fp32", fp32), ("ours", ours), ("rtn", theirs))}
-    assert acc["ours"] >= acc["rtn"] - 0.005
-    assert acc["ours"] >= acc["fp32"] - 0.02
+    assert acc["ours"] >= acc["rtn"]
+    assert acc["ours"] >= acc["fp32"] - 0.01
+    assert ours.ByteSize() < 0.25 * fp32.ByteSize()
 
 
 def test_cuda_provider_runs_matmulnbits():
