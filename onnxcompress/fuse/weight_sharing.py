@@ -55,7 +55,7 @@ __all__ = ["ShareWeightsConfig", "ShareWeightsPass", "kmeans_1d", "share_values"
 @dataclass(frozen=True)
 class ShareWeightsConfig(StepConfig):
     name = "share_weights"
-    order = 70
+    order = 78  # after pruning, quantization and teacher-guided repair (75); before int8 storage (80), fp16 and compact storage
 
     clusters: int | None = option(None, "k-means weight sharing: number of shared values per layer "
                                         "(default 16 when --codebook-bits is not given)",
