@@ -141,3 +141,22 @@ def test_fold_constants_declines_a_big_fill_without_materializing_it(monkeypatch
     res = make_pass(FoldConstantsConfig()).run(graph, None)
     assert evaluated == [] and not res.modified
     assert [s.reason for s in res.skipped] == [f"folding would grow the file: 16 bytes of inputs -> {4096 * 4096 * 4} bytes"]
+
+
+def test_weight_queries_do_not_keep_external_weights(tmp_path):
+    """const_value and WeightRef.values read external weights without caching them in the graph."""
+    from onnxcompress.graph.query import const_value, iter_weights
+
+    path = tmp_path / "m.onnx"
+    onnx.save(builders.mlp((16, 64, 8)), str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    graph = gio.model_to_graph(gio.open_model(path))
+    refs = list(iter_weights(graph))
+    assert {r.name for r in refs} == {"W0", "B0", "W1", "B1"}
+    for r in refs:
+        a, b = r.values, const_value(r.tensor)
+        assert np.array_equal(a, b) and a is not b  # read twice, from disk
+        assert isinstance(r.constant._values, gio.ExternalValues)
+    # inline weights are cached as before (they are in memory anyway)
+    inline = gio.model_to_graph(gio.open_model(builders.mlp((16, 64, 8))))
+    w = next(r for r in iter_weights(inline) if r.name == "W0")
+    assert w.values is w.values

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
@@ -65,7 +66,7 @@ def consumers(t: gs.Tensor) -> list[gs.Node]:
 def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     attrs = node.attrs
     if "value" in attrs and isinstance(attrs["value"], gs.Constant):
-        return attrs["value"].values
+        return peek_values(attrs["value"])
     for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
                        ("value_int", np.int64), ("value_ints", np.int64)):
         if key in attrs:
@@ -76,10 +77,10 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
 def const_value(t: gs.Tensor) -> np.ndarray | None:
     """The value of ``t`` if it is a constant (initializer or ``Constant`` node output), else None.
 
-    Loads lazy and external values on demand.
+    Loads lazy values on demand; external ones are not kept in the graph (see :func:`peek_values`).
     """
     if isinstance(t, gs.Constant):
-        return t.values
+        return peek_values(t)
     p = producer(t)
     if p is not None and p.op == "Constant":
         return _constant_node_value(p)
@@ -87,14 +88,18 @@ def const_value(t: gs.Tensor) -> np.ndarray | None:
 
 
 def peek_values(t: gs.Constant) -> np.ndarray:
-    """The values of a constant without keeping them in the graph.
+    """The values of a constant; tensors in external data are read from disk and not kept in the graph.
 
-    ``Constant.values`` caches what it loads, so a pass that only looks at every weight once
-    (hashing, statistics) would end up holding the whole model in memory; this reads lazy (external)
-    values and lets them go, so such passes stream tensor by tensor.
+    graphsurgeon's ``Constant.values`` caches what it loads, so a pass that looks at every weight once
+    would end up holding a whole external-data model (gigabytes) in memory. Here external tensors are
+    read on each call and let go, so passes stream tensor by tensor; inline tensors (already in memory
+    as part of the model) are cached as before. To change a weight, assign ``constant.values`` (or
+    replace the tensor): an array returned for an external tensor is a fresh copy.
     """
     v = t._values
-    return v.load() if isinstance(v, LazyValues) else v
+    if isinstance(v, LazyValues) and getattr(v.tensor, "data_location", 0) == onnx.TensorProto.EXTERNAL:
+        return v.load()
+    return t.values
 
 
 def is_constant(t: gs.Tensor) -> bool:
@@ -151,7 +156,8 @@ class WeightRef:
 
     @property
     def values(self) -> np.ndarray:
-        return self.constant.values
+        """The weight's values (external data is read per call, see :func:`peek_values`)."""
+        return peek_values(self.constant)
 
     @property
     def consumers(self) -> list[gs.Node]:
