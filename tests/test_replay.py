@@ -228,3 +228,21 @@ def test_codebook_sizes_and_quantization_types_replay(base, tmp_path):
     for name, rec in shared.items():
         assert again[name]["clusters"] == rec["clusters"]
     assert any(not np.array_equal(a[k], b[k]) for k in a if a[k].dtype == np.int8)
+
+
+def test_transplant_into_a_pruned_model_goes_through_its_plan(base, tmp_path):
+    """transplant(fine-tuned, width-pruned): the plan's kept channels are replayed on the source first,
+    so every weight matches by name and the result is what apply_plan gives."""
+    from onnxcompress.transfer.transplant import transplant
+
+    pruned = compress(base, Recipe(steps=(WidthConfig(width=0.5),), verify=OFF)).model
+    ft = _fine_tuned(base)
+    out, rep = transplant(ft, pruned)
+    assert rep.plan_replayed == ["mm0", "mm1"]
+    assert sorted(rep.by_name) == sorted(_weights(pruned)) and not rep.unmatched_dst and not rep.mismatched
+    keep = _plan(pruned)["steps"][0]["details"]["groups"][0]["keep"]["mm0"]
+    assert np.array_equal(_weights(out)["W0_pruned"], _weights(ft)["W0"][:, keep])
+    path = tmp_path / "pruned.onnx"
+    onnx.save(pruned, path)
+    replayed = _weights(_replay(ft, path))
+    assert all(np.array_equal(replayed[k], v) for k, v in _weights(out).items())

@@ -11,9 +11,11 @@ Matching, in order, each source and destination weight used at most once:
    whose key is held by exactly one remaining source weight receives it. A key held by several
    weights on either side is *ambiguous* and nothing is copied for it — never a nearest-name guess.
 3. **Through the destination's plan.** When the destination was compressed by onnxcompress, its
-   ``metadata_props["onnxcompress.plan"]`` records, per tensor, the channel indices kept by
-   structured pruning (``keep: {axis: [indices]}``). A source weight of the original shape is
-   sliced with those indices before it is copied.
+   ``metadata_props["onnxcompress.plan"]`` records the channel indices kept by structured pruning:
+   ``prune_channels`` / ``width`` steps (kept indices per dependency group) are first replayed on the
+   source (:func:`onnxcompress.prune.channels.replay_plan`), so its weights get the destination's
+   shapes and names and then match by name; per-tensor records (``tensors[name]["keep"] =
+   {axis: [indices]}``) slice a source weight of the original shape before it is copied.
 
 4. **Into a quantized destination.** A destination weight stored as ``DequantizeLinear(q, scale,
    zero_point)`` of constants (the int8 QDQ pass writes ``<name>_quantized``; int32 biases too) is
@@ -64,6 +66,7 @@ class TransplantReport:
     requantized: list[dict[str, Any]] = field(default_factory=list)  # {dst, src, how, clipped}
     quant_params: list[str] = field(default_factory=list)  # destination scales / zero points, kept
     recalibrated: list[str] = field(default_factory=list)  # activations whose range was recalibrated
+    plan_replayed: list[str] = field(default_factory=list)  # channel groups of the plan applied to the source
     mismatched: list[dict[str, Any]] = field(default_factory=list)
     ambiguous: list[str] = field(default_factory=list)
     unmatched_dst: list[str] = field(default_factory=list)
@@ -82,6 +85,7 @@ class TransplantReport:
             "requantized": self.requantized,
             "quant_params": self.quant_params,
             "recalibrated": self.recalibrated,
+            "plan_replayed": self.plan_replayed,
             "mismatched": self.mismatched,
             "ambiguous": self.ambiguous,
             "unmatched_dst": self.unmatched_dst,
@@ -128,6 +132,44 @@ def _set_values(ref: WeightRef, values: np.ndarray) -> None:
         ref.node.attrs["value"] = gs.Constant(ref.constant.name or ref.name, values)
     else:
         ref.constant.values = values
+
+
+def _replay_channel_plan(src_graph: gs.Graph, dst: onnx.ModelProto) -> list[str]:
+    """Apply the destination plan's structured-pruning steps (``prune_channels`` / ``width``: kept
+    indices per dependency group) to the source graph, so its weights get the destination's shapes
+    and names; return the groups applied. A plan that does not fit the source changes nothing."""
+    raw = next((p.value for p in dst.metadata_props if p.key == PLAN_KEY), None)
+    if not raw:
+        return []
+    try:
+        plan = json.loads(raw)
+    except json.JSONDecodeError:
+        return []
+    if not isinstance(plan, dict) or not isinstance(plan.get("steps"), list):
+        return []
+    from onnxcompress.errors import OnnxCompressError
+    from onnxcompress.passes.base import cleanup_graph
+    from onnxcompress.prune.channels import replay_plan
+    from onnxcompress.transfer.replay import plan_steps
+
+    done: list[str] = []
+    try:
+        steps = plan_steps(plan)
+    except OnnxCompressError:
+        return []
+    for step in steps:
+        groups = step.details.get("groups") if step.config.name in ("prune_channels", "width") else None
+        if not groups:
+            continue
+        trial = src_graph.copy()
+        try:
+            replay_plan(trial, groups)
+        except OnnxCompressError:
+            return done
+        replay_plan(src_graph, groups)
+        cleanup_graph(src_graph)
+        done += [g["group"] for g in groups]
+    return done
 
 
 def _plan_slices(model: onnx.ModelProto) -> dict[str, dict[int, list[int]]]:
@@ -182,10 +224,12 @@ def transplant(source: ModelLike, destination: ModelLike, *, by_position: bool =
     """
     src_ms, dst_ms = open_model(source), open_model(destination)
     src_graph, dst_graph = model_to_graph(src_ms), model_to_graph(open_model(dst_ms.model, base_dir=dst_ms.base_dir))
+    rep_groups = _replay_channel_plan(src_graph, dst_ms.model)
     src_refs = list(iter_weights(src_graph))
     dst_refs = list(iter_weights(dst_graph))
     slices = _plan_slices(dst_ms.model)
     rep = TransplantReport()
+    rep.plan_replayed = rep_groups
     src_by_name = {r.name: r for r in src_refs}
     used_src: set[int] = set()
     todo: list[WeightRef] = []
