@@ -281,12 +281,25 @@ def scale(args) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write_docs:
-        doc = ROOT / "docs" / "benchmarks.md"
-        s = doc.read_text()
-        end = "<!-- end: io -->"
-        j = s.index(end)
-        doc.write_text(s[:j] + "\n### Scale: a 3 GB model, streamed\n\n" + text + s[j:])
+        write_section(scale_text=text)
     return 0
+
+
+SCALE_HEADING = "### Scale: a 3 GB model, streamed"
+
+
+def write_section(*, io_text: str | None = None, scale_text: str | None = None) -> None:
+    """Replace the io section of docs/benchmarks.md, keeping whichever of its two parts is not given."""
+    doc = ROOT / "docs" / "benchmarks.md"
+    s = doc.read_text()
+    start, end = "<!-- section: io -->", "<!-- end: io -->"
+    i, j = s.index(start) + len(start), s.index(end)
+    body = s[i:j]
+    old_io, _, old_scale = body.partition(SCALE_HEADING)
+    io_part = ("\n## Model I/O: load + save\n\n" + io_text) if io_text is not None else old_io
+    scale_part = scale_text if scale_text is not None else old_scale.lstrip("\n")
+    new = io_part.rstrip("\n") + "\n" + (f"\n{SCALE_HEADING}\n\n{scale_part.rstrip()}\n" if scale_part.strip() else "")
+    doc.write_text(s[:i] + new + s[j:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,11 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write_docs:
-        doc = ROOT / "docs" / "benchmarks.md"
-        s = doc.read_text()
-        start, end = "<!-- section: io -->", "<!-- end: io -->"
-        i, j = s.index(start) + len(start), s.index(end)
-        doc.write_text(s[:i] + "\n## Model I/O: load + save\n\n" + text + s[j:])
+        write_section(io_text=text)
     return 0
 
 
