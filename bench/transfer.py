@@ -251,9 +251,17 @@ def deep_compression_rows(model: str, label: str, calib: str, work: Path) -> lis
         out_bare = work / f"dc_bare_{'data' if data else 'nodata'}.onnx"
         bare.save(out_bare)
         stages = r.report.step("compression_stages").details["stages"]
+        m = onnx.load(str(out_bare))
+        weights = {n.input[1] for n in m.graph.node if n.op_type in ("Gemm", "MatMul", "Conv")}
+        payload = sum(t.ByteSize() for t in m.graph.initializer if t.name not in weights
+                      and t.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT, onnx.TensorProto.UINT4)
+                      and not t.name.endswith("bias"))
         rows.append({"model": label, "data": bool(data), "acc0": acc0, "acc": digits_accuracy(str(out)),
                      "size0": size0, "size": os.path.getsize(out), "size_bare": os.path.getsize(out_bare),
-                     "stages": stages, "seconds": seconds})
+                     "stages": stages, "seconds": seconds,
+                     "nodes_bytes": sum(n.ByteSize() for n in m.graph.node),
+                     "bias_bytes": sum(t.ByteSize() for t in m.graph.initializer if t.name.endswith("bias")),
+                     "payload_bytes": payload})
         print(rows[-1], flush=True)
     return rows
 
@@ -311,6 +319,13 @@ def render(repair: list[dict], transplants: list[dict], dc: list[dict], command:
                    f"{st['+ encoding']:.1f}× | {r['size0'] / 1024:.1f} KB → {r['size'] / 1024:.1f} KB "
                    f"({r['size0'] / r['size']:.1f}×) | {r['size_bare'] / 1024:.1f} KB "
                    f"({r['size0'] / r['size_bare']:.1f}×) | {r['seconds']:.1f} |")
+    if dc:
+        r = dc[0]
+        out += ["", f"Where the bytes of the file without the plan go ({r['size_bare'] / 1024:.1f} KB, with data): "
+                f"packed weight streams and codebooks (uint8 / float initializers) {r['payload_bytes'] / 1024:.1f} KB, fp32 biases "
+                f"{r['bias_bytes'] / 1024:.1f} KB, decode nodes {r['nodes_bytes'] / 1024:.1f} KB, the rest small "
+                "constants and the graph. The weights alone reach the paper's kind of ratio; the whole file does not "
+                "reach 30× because of the biases and the decode graph's per-tensor overhead (compact_storage)."]
     return "\n".join(out) + "\n"
 
 
@@ -345,7 +360,7 @@ def main(argv=None) -> int:
         sparsities = [0.9] if args.quick else [0.8, 0.9, 0.95]
         widths = [0.5] if args.quick else [0.25, 0.5, 0.75]
         repair = repair_rows(mlp, mlp_label, calib_mlp, [
-            (f"{int(100 * s)}% sparse + 4-bit sharing", [SparsifyConfig(ratio=s), share(clusters=16, min_size=256)])
+            (f"{int(100 * s)}% sparse (each layer) + 4-bit sharing", [SparsifyConfig(ratio=s), share(clusters=16, min_size=256)])
             for s in sparsities])
         repair += repair_rows(cnn, cnn_label, calib_cnn, [
             (f"{int(100 * w)}% of channels pruned", [PruneChannelsConfig(ratio=w)]) for w in widths])

@@ -69,7 +69,8 @@ LAYER_OPS = ("Gemm", "MatMul", "Conv")
 @dataclass(frozen=True)
 class DistillConfig(StepConfig):
     name = "distill"
-    order = 75
+    order = 79  # after every lossy pass that changes weights in place (pruning 30, int8 60, sharing 78),
+    #             before int8/int4 storage (80): repair refits in float and snaps back to their grids
     flag = "--distill"
     flag_help = ("repair the compressed model from the original (the teacher) layer by layer on the calibration "
                  "data (needs --calib-data)")
