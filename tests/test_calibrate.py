@@ -131,7 +131,7 @@ def test_calibration_data_reader_is_accepted():
 
     # verification off: each ctx.feeds() makes a new source from the reader, which only rewinds on its
     # own second pass (a data.py limitation, reported), so verification would see an exhausted reader
-    recipe = Recipe(steps=(QuantizeInt8Config(mode="static"),), verify=VerifyConfig(enabled=False))
+    recipe = Recipe(steps=(QuantizeInt8Config(mode="static", calib_method="minmax"),), verify=VerifyConfig(enabled=False))
     res = compress(m, recipe, data=Reader())
     plan = res.report.to_dict()["steps"][0]["details"]["plan"]
     x_range = next(t for t in plan["tensors"] if t["tensor"] == "x")
@@ -186,3 +186,15 @@ def test_folder_of_npz_feeds_with_varying_lengths(tmp_path):
     allx = np.concatenate([a.ravel() for a in xs])
     assert allx.min() <= x_range["lo"] < 0 < x_range["hi"] <= allx.max()
     assert res.passed
+
+
+def test_mse_aligns_a_value_grid_with_the_integer_grid():
+    """Inputs on a grid (pixel / 16): mse widens [0, 1] a little so every value is representable."""
+    x = (np.random.default_rng(8).integers(0, 17, 20_000) / 16).astype(np.float32)
+    s = _stream([x], bins=2048)
+    lo, hi = compute_range(s, "mse", levels=255)
+    assert lo == 0.0 and 1.0 < hi <= 1.1
+    step = hi / 255
+    err_mse = np.abs(np.round(x / step) * step - x).max()
+    err_minmax = np.abs(np.round(x / (1 / 255)) * (1 / 255) - x).max()
+    assert err_mse < 0.5 * err_minmax

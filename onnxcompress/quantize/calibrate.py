@@ -26,8 +26,9 @@ Ranges from the statistics (``[lo, hi]``, always widened to contain 0 later by t
   merged into ``L`` levels and spread back over the non-empty bins; pick ``argmin KL(P || Q)``; range
   ``[max(min, -T), min(max, T)]``. ``L`` is the number of integer levels that cover ``[0, T]``: all 256
   for a one-signed tensor (a ReLU output), 128 when the tensor has both signs.
-* ``mse``: the range ``[r·min, r·max]`` (``r`` in ``(0, 1]``) minimizing the expected squared error on the
-  histogram: clipping error ``(clip(c) - c)^2`` for bins outside, ``step^2 / 12`` rounding noise inside.
+* ``mse``: the range ``[r·min, r·max]`` (``r`` in ``[0.05, 1.1]``) minimizing the squared round-trip error
+  ``sum_bins n_b (DQ(Q(c_b)) - c_b)^2`` over the histogram's bin centres ``c_b``: clipping when
+  ``r < 1``; ``r`` a little above 1 can align a grid of values (pixel / 16) with the integer grid.
 
 ``--calib-cache FILE`` stores the ranges as JSON (``{"version": 1, "method": ..., "ranges": {name: [lo,
 hi]}}``) and reuses them when every tensor the plan needs is in the file and the method matches.
@@ -191,17 +192,21 @@ def _mse_range(s: TensorStats, levels: int) -> tuple[float, float]:
     c, w = c[keep], w[keep]
     lo0, hi0 = min(s.min, 0.0), max(s.max, 0.0)
     best, best_r = math.inf, 1.0
-    for r in np.linspace(0.05, 1.0, 96):
+    # shrink (clip outliers) or widen a little (so that a value grid, e.g. pixel / 16, lands on the
+    # integer grid); the error is the exact round trip of every bin centre, clipping included
+    for r in np.concatenate([np.linspace(0.05, 1.0, 96), np.linspace(1.0025, 1.1, 40)]):
         lo, hi = lo0 * r, hi0 * r
         step = (hi - lo) / levels
         if step <= 0:
             continue
-        inside = (c >= lo) & (c <= hi)
-        err = np.where(inside, step * step / 12.0, (np.clip(c, lo, hi) - c) ** 2)
-        total = float(np.sum(w * err))
-        if total < best:
+        zp = np.round(-lo / step)
+        deq = (np.clip(np.round(c / step) + zp, 0, levels) - zp) * step
+        total = float(np.sum(w * (deq - c) ** 2))
+        if total < best * (1 - 1e-9):
             best, best_r = total, r
-    return s.min * best_r if s.min < 0 else s.min, s.max * best_r if s.max > 0 else s.max
+    lo = lo0 * best_r if (s.min < 0 or best_r > 1) else s.min
+    hi = hi0 * best_r if (s.max > 0 or best_r > 1) else s.max
+    return lo, hi
 
 
 def compute_range(s: TensorStats, method: str, *, percentile: float = 99.99, levels: int = 255) -> tuple[float, float]:

@@ -35,7 +35,8 @@ class QuantizeInt8Config(StepConfig):
     activation_type: str = option("u8", "integer type of activations (u8 is what onnxruntime's CPU kernels fuse best)",
                                   flag="--activation-type", choices=("u8", "s8"))
     weight_type: str = option("s8", "integer type of weights", flag="--weight-type", choices=("s8", "u8"))
-    calib_method: str = option("minmax", "how an activation range is chosen from its streamed statistics",
+    calib_method: str = option("mse", "how an activation range is chosen from its streamed statistics (mse: least "
+                               "round-trip error on the histogram; entropy can clip attention probabilities hard)",
                                flag="--calib-method", choices=CALIB_METHODS)
     percentile: float = option(99.99, "percentile kept by --calib-method percentile (each tail)",
                                flag="--calib-percentile", minimum=50.0, maximum=100.0)
