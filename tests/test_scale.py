@@ -11,6 +11,7 @@ the core lossless passes leave external weights on disk.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,19 @@ def test_weight_queries_do_not_keep_external_weights(tmp_path):
     inline = gio.model_to_graph(gio.open_model(builders.mlp((16, 64, 8))))
     w = next(r for r in iter_weights(inline) if r.name == "W0")
     assert w.values is w.values
+
+
+@pytest.mark.slow
+def test_big_model_gets_external_data_automatically(big_model, tmp_path):
+    """No --external-data flag: a result over protobuf's 2 GiB limit is written with a data file anyway."""
+    model, nbytes = big_model
+    out = tmp_path / "out.onnx"
+    cmd = [sys.executable, "-m", "onnxcompress", str(model), str(out), "--no-verify", "-q", "--no-lossless",
+           "--cleanup"]
+    rc, seconds, peak_gib, err = bench_io.run_limited(cmd, max_rss_gb=12, timeout=3000)
+    assert rc == 0, err
+    data = out.with_name(out.name + ".data")
+    assert data.exists() and data.stat().st_size >= nbytes
+    assert out.stat().st_size < 10 * 2**20
+    onnx.checker.check_model(str(out))
+    assert peak_gib * 2**30 < FAR_BELOW * nbytes, f"peak RSS {peak_gib:.2f} GiB"
