@@ -335,27 +335,30 @@ def snap_with_feedback(gram: np.ndarray, wb: np.ndarray, mask: np.ndarray, snap,
     """
     d = gram.shape[0] - 1
     out = np.zeros_like(wb)
-    for o in range(wb.shape[0]):
-        cols = np.flatnonzero(mask[o])
+    groups: dict[bytes, list[int]] = {}
+    for o in range(mask.shape[0]):  # rows with the same mask share H and its factor
+        groups.setdefault(np.packbits(mask[o]).tobytes(), []).append(o)
+    for rows_list in groups.values():
+        rows = np.array(rows_list)
+        cols = np.flatnonzero(mask[rows[0]])
         idx = np.append(cols, d) if bias else cols
         if cols.size == 0:
-            out[o, idx] = wb[o, idx]
+            out[np.ix_(rows, idx)] = wb[np.ix_(rows, idx)]
             continue
         h = _ridge_gram(gram, idx, ridge=ridge, bias=bias, eps=1e-9)
+        w = wb[np.ix_(rows, idx)].copy()  # [R, |idx|]
         try:
             u = np.linalg.cholesky(np.linalg.inv(h)).T
         except np.linalg.LinAlgError:
-            out[o, cols] = snap(wb[o, cols][None, :], (np.full(cols.size, o), cols))[0]
-            if bias:
-                out[o, d] = wb[o, d]
+            w[:, :cols.size] = snap(w[:, :cols.size], (rows[:, None], cols[None, :]))
+            out[np.ix_(rows, idx)] = w
             continue
-        w = wb[o, idx].copy()
-        for k in range(cols.size):
-            q = snap(w[k:k + 1][None, :], (np.array([o]), cols[k:k + 1]))[0, 0]
-            e = (w[k] - q) / u[k, k]
-            w[k + 1:] -= e * u[k, k + 1:]
-            w[k] = q
-        out[o, idx] = w
+        for k in range(cols.size):  # one input at a time, all rows of the group together
+            q = snap(w[:, k:k + 1], (rows[:, None], cols[None, k:k + 1]))[:, 0]
+            e = (w[:, k] - q) / u[k, k]
+            w[:, k + 1:] -= e[:, None] * u[k, k + 1:][None, :]
+            w[:, k] = q
+        out[np.ix_(rows, idx)] = w
     return out
 
 
