@@ -226,6 +226,21 @@ def test_parallel_qkv_merge_into_one_matmul_and_split():
     assert_lossless(m, out, feed(2, 5, 16))
 
 
+@pytest.mark.parametrize("opset", [11, 17])
+def test_parallel_gemms_merge_with_the_opsets_split(opset):
+    rng = np.random.default_rng(12)
+    m = parse(f"""{header(opset)}
+    g (float[N, 16] x) => (float[N, 8] a, float[N, 4] c) {{
+        a = Gemm <transB = 1, alpha = 2.0> (x, wa, ba)
+        c = Gemm (x, wc)
+    }}""", wa=randn(rng, 8, 16), ba=randn(rng, 8), wc=randn(rng, 16, 4))
+    out, res = fuse(m, rules=("parallel_linear",))
+    assert ops(out) == {"Gemm": 1, "Split": 1}, reasons(res)
+    split = next(n for n in out.graph.node if n.op_type == "Split")
+    assert (len(split.input) == 2) == (opset >= 13)    # sizes as an input from opset 13, an attribute before
+    assert_lossless(m, out, feed(3, 16))
+
+
 def test_parallel_declines_shared_weight():
     m = qkv_model(shared=True)
     out, res = fuse(m, rules=("parallel_linear",))
