@@ -246,3 +246,23 @@ def test_transplant_into_a_pruned_model_goes_through_its_plan(base, tmp_path):
     onnx.save(pruned, path)
     replayed = _weights(_replay(ft, path))
     assert all(np.array_equal(replayed[k], v) for k, v in _weights(out).items())
+
+
+def test_recorded_weights_missing_here_are_reported(compressed, tmp_path):
+    """A plan replayed on a model whose weights are named differently: every recorded weight that is
+    not found is a Skip with the reason (never silently dropped)."""
+    path = tmp_path / "c.onnx"
+    onnx.save(compressed, path)
+    sparsify_only = compress(builders.mlp((16, 32, 24, 8), seed=1),
+                             Recipe(steps=(SparsifyConfig(ratio=0.5),), verify=OFF)).model
+    plan_path = tmp_path / "s.onnx"
+    onnx.save(sparsify_only, plan_path)
+    other = builders.mlp((16, 32, 24, 8), seed=3)
+    for t in other.graph.initializer:
+        t.name = "renamed_" + t.name
+    for n in other.graph.node:
+        n.input[:] = ["renamed_" + x if x.startswith(("W", "B")) else x for x in n.input]
+    r = compress(other, Recipe(steps=(ApplyPlanConfig(plan=str(plan_path)),), verify=OFF))
+    skipped = {s["node"]: s["reason"] for s in r.report.step("apply_plan").skipped}
+    assert {"W0", "W1", "W2"} <= set(skipped) and "not replayed" in skipped["W0"]
+    assert all((v != 0).all() for k, v in _weights(r.model).items())

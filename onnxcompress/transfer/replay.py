@@ -47,6 +47,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.errors import RecipeError
+from onnxcompress.graph.query import iter_weights
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.recipe import StepConfig, config_from_dict, option
 
@@ -215,6 +216,10 @@ class ApplyPlanPass(Pass):
             elif name == "sparsify":
                 p = make_pass(_sparsify_config(step))
                 mode = "pinned"
+                present = {ref.name for ref in iter_weights(graph)}
+                for t in sorted(set(step.details.get("tensors") or {}) - present):
+                    res.skip(t, "apply_plan/sparsify", "the plan records this weight but this model has none "
+                                                       "of that name: its sparsity is not replayed")
             else:
                 p = make_pass(step.config)
                 mode = "recomputed"
