@@ -142,12 +142,13 @@ def test_declines_already_shared_small_and_nonfinite():
     bad = randn(rng, 64, 32)
     bad[0, 0] = np.inf
     m = parse(f"""{header()}
-    g (float[N, 64] x) => (float[N, 32] y1, float[N, 32] y2, float[N, 8] y3) {{
-        y1 = MatMul (x, few)  y2 = MatMul (x, bad)  y3 = MatMul (x, small)
-    }}""", few=few, bad=bad, small=randn(rng, 64, 8))
+    g (float[N, 64] x) => (float[N, 32] y1, float[N, 32] y2, float[N, 8] y3, float[64, 32] out) {{
+        y1 = MatMul (x, few)  y2 = MatMul (x, bad)  y3 = MatMul (x, small)  y4 = MatMul (x, out)
+    }}""", few=few, bad=bad, small=randn(rng, 64, 8), out=randn(rng, 64, 32))
     out, res = share(m, clusters=4, min_size=1024)
     why = {s.node: s.reason for s in res.skipped}
     assert "already has 3" in why["few"] and "inf" in why["bad"] and "small" not in why
+    assert "graph output" in why["out"]
     assert not res.modified
     for name, v in weights(out).items():
         np.testing.assert_array_equal(v, weights(m)[name])

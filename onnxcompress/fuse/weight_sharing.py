@@ -225,6 +225,9 @@ class ShareWeightsPass(Pass):
 
     @staticmethod
     def _share(ref: WeightRef, k: int, cfg: ShareWeightsConfig, stats, res: PassResult) -> dict | None:
+        if any(ref.tensor is o for o in ref.graph.outputs):
+            res.skip(ref.name, "share_weights", "it is a graph output")
+            return None
         w = np.asarray(ref.values)
         distinct = np.unique(w).size
         if distinct <= k:
