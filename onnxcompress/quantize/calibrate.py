@@ -25,7 +25,8 @@ Ranges from the statistics (``[lo, hi]``, always widened to contain 0 later by t
   from ``L`` bins up), ``P`` = the histogram up to ``T`` with the tail added to its last bin, ``Q`` = ``P``
   merged into ``L`` levels and spread back over the non-empty bins; pick ``argmin KL(P || Q)``; range
   ``[max(min, -T), min(max, T)]``. ``L`` is the number of integer levels that cover ``[0, T]``: all 256
-  for a one-signed tensor (a ReLU output), 128 when the tensor has both signs.
+  for a one-signed tensor (a ReLU output), 128 when the tensor has both signs. ``T`` is at least half
+  of ``max|x|`` (onnxruntime's search has the same floor).
 * ``mse``: the range ``[r·min, r·max]`` (``r`` in ``[0.05, 1.1]``) minimizing the squared round-trip error
   ``sum_bins n_b (DQ(Q(c_b)) - c_b)^2`` over the histogram's bin centres ``c_b``: clipping when
   ``r < 1``; ``r`` a little above 1 can align a grid of values (pixel / 16) with the integer grid.
@@ -165,7 +166,9 @@ def _entropy_threshold(s: TensorStats, levels: int = 128, stride: int = 1) -> fl
     if last <= levels:
         return s.R * last / n
     best_kl, best_i = math.inf, last
-    for i in range(levels, last + 1, stride):
+    # never clip more than half the observed range away (as onnxruntime's 128-bin search): with fine
+    # bins KL alone may clip a [0, 1] attention probability at 0.1 and wreck the attention
+    for i in range(max(levels, last // 2), last + 1, stride):
         p = absh[:i].copy()
         p[i - 1] += absh[i:].sum()
         nonzero = p > 0
