@@ -400,3 +400,21 @@ def test_light_corpus_parity(name):
     feeds = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
     out, _ = fuse(m)
     assert_lossless(m, out, feeds)
+
+
+def test_configs_round_trip_through_recipe_json():
+    import json
+
+    from onnxcompress.errors import RecipeError
+    from onnxcompress.fuse.low_rank import LowRankConfig
+    from onnxcompress.fuse.weight_sharing import ShareWeightsConfig
+    from onnxcompress.recipe import Recipe
+
+    recipe = Recipe((FuseConfig(rules=("bn_after_linear", "parallel_linear")), LowRankConfig(energy=0.8),
+                     ShareWeightsConfig(codebook_bits=3, channel_groups=2)))
+    again = Recipe.from_dict(json.loads(recipe.to_json()))
+    assert again == recipe
+    with pytest.raises(RecipeError, match="did you mean"):
+        Recipe.from_dict({"steps": [{"pass": "fuse", "rule": ["bn_after_linear"]}]})
+    with pytest.raises(RecipeError):
+        FuseConfig(rules=("bn_folding",))
