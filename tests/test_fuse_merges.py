@@ -264,6 +264,20 @@ def test_transpose_and_scales_fold_into_weights():
     assert_lossless(m, out, {**feed(3, 6), **feed(2, 3, 6, 6, name="z", seed=3)})
 
 
+def test_scale_after_a_bias_add_folds_into_weight_and_bias():
+    rng = np.random.default_rng(13)
+    m = parse(f"""{header()}
+    g (float[N, T, 16] x) => (float[N, T, 8] y, float[N, T, 8] y2, float[N, T, 8] z) {{
+        h = MatMul (x, w)  hb = Add (bias, h)  y = Div (hb, d)
+        h2 = MatMul (x, w2)  hb2 = Add (h2, bias2)  y2 = Mul (hb2, c2)  z = Relu (hb2)
+    }}""", w=randn(rng, 16, 8), bias=randn(rng, 8), d=np.array(2.5, np.float32), w2=randn(rng, 16, 8),
+        bias2=randn(rng, 8), c2=randn(rng, 8))
+    out, res = fuse(m, rules=("scale_after_linear",))
+    assert ops(out) == {"MatMul": 2, "Add": 2, "Mul": 1, "Relu": 1}     # the Div is gone, the Mul stays
+    assert "'hb2' has 2 readers" in reasons(res)
+    assert_lossless(m, out, feed(2, 3, 16))
+
+
 def test_scale_declines_nonconstant_zero_divisor_shape_change_and_graph_output():
     rng = np.random.default_rng(11)
     m = parse(f"""{header()}

@@ -46,6 +46,7 @@ from onnxcompress.fuse.patterns import (
     Linear,
     RuleContext,
     as_linear,
+    bias_add_after,
     conv_params_private,
     is_float,
     last_axis_vector,
@@ -57,34 +58,6 @@ from onnxcompress.graph.query import const_value, consumers, producer
 from onnxcompress.graph.rewrite import Rule, Verdict, disconnect
 
 __all__ = ["MatMulAddToGemm", "ConsecutiveLinear", "ConsecutiveConv1x1", "ParallelLinear"]
-
-
-def _const_operand(add: gs.Node, x: gs.Tensor) -> gs.Tensor | None:
-    """The other operand of a binary node whose one operand is ``x``."""
-    if len(add.inputs) != 2:
-        return None
-    a, b = add.inputs
-    if a is x and b is not x:
-        return b
-    if b is x and a is not x:
-        return a
-    return None
-
-
-def _bias_add(t: gs.Tensor, n: int, rank: int | None, graph: gs.Graph) -> tuple[gs.Node, np.ndarray] | None:
-    """The Add that is the only reader of ``t`` and adds a constant per-column vector of length ``n``."""
-    readers = consumers(t)
-    if len(readers) != 1 or readers[0].op != "Add" or not sole_reader(t, readers[0], graph):
-        return None
-    add = readers[0]
-    other = _const_operand(add, t)
-    if other is None:
-        return None
-    c = const_value(other)
-    if c is None or not is_float(np.asarray(c)):
-        return None
-    vec = last_axis_vector(np.asarray(c), n, rank)
-    return (add, vec) if vec is not None else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +168,7 @@ class ConsecutiveLinear(FuseRule):
             v = sole_reader(mid, m.bias_add, graph)
             if not v:
                 return v
-            found = _bias_add(mid, f.n, self.rc.rank(mid), graph)
+            found = bias_add_after(mid, f.n, self.rc.rank(mid), graph)
             if found is None or found[0] is not m.bias_add:
                 return Verdict.no("the Add between the layers does not add a constant per-column vector")
             m.b1 = found[1]
@@ -209,7 +182,7 @@ class ConsecutiveLinear(FuseRule):
             if not v:
                 return v
         if s.node.op == "MatMul":
-            tail = _bias_add(s.node.outputs[0], s.n, self.rc.rank(s.node.outputs[0]), graph)
+            tail = bias_add_after(s.node.outputs[0], s.n, self.rc.rank(s.node.outputs[0]), graph)
             if tail is not None:
                 m.tail_add, m.b2 = tail
         return Verdict.yes()
@@ -371,7 +344,7 @@ class ParallelLinear(FuseRule):
         if m.op == "MatMul":
             if rank is not None and rank < 2:
                 return Verdict.no("a 1-D input")
-            adds = [_bias_add(b.node.outputs[0], b.n, self.rc.rank(b.node.outputs[0]), graph) for b in m.branches]
+            adds = [bias_add_after(b.node.outputs[0], b.n, self.rc.rank(b.node.outputs[0]), graph) for b in m.branches]
             if all(a is not None for a in adds):
                 m.adds = adds
         return Verdict.yes()

@@ -24,7 +24,7 @@ from onnxcompress.graph.query import FLOAT_DTYPES, const_value, consumers, is_gr
 from onnxcompress.graph.rewrite import Rule, Verdict
 
 __all__ = ["Linear", "RuleContext", "as_linear", "sole_reader", "own_constant", "infer_ranks",
-           "last_axis_vector", "channel_vector", "is_float", "weights_private", "emit_linear", "FuseRule", "conv_params_private"]
+           "last_axis_vector", "channel_vector", "is_float", "weights_private", "emit_linear", "FuseRule", "conv_params_private", "bias_add_after", "other_operand"]
 
 
 def is_float(a: np.ndarray | None) -> bool:
@@ -215,6 +215,34 @@ def as_linear(node: gs.Node, graph: gs.Graph) -> tuple[Linear | None, str]:
             return None, f"the bias {bt.name!r} of shape {list(np.shape(c))} is not a per-column vector"
         bias = vec * np.asarray(beta, dtype=vec.dtype)
     return Linear(node, x, w_eff.astype(w.dtype), bias, wt, bt), ""
+
+
+def other_operand(add: gs.Node, x: gs.Tensor) -> gs.Tensor | None:
+    """The other operand of a binary node whose one operand is ``x``."""
+    if len(add.inputs) != 2:
+        return None
+    a, b = add.inputs
+    if a is x and b is not x:
+        return b
+    if b is x and a is not x:
+        return a
+    return None
+
+
+def bias_add_after(t: gs.Tensor, n: int, rank: int | None, graph: gs.Graph) -> tuple[gs.Node, np.ndarray] | None:
+    """The Add that is the only reader of ``t`` and adds a constant per-column vector of length ``n``."""
+    readers = consumers(t)
+    if len(readers) != 1 or readers[0].op != "Add" or not sole_reader(t, readers[0], graph):
+        return None
+    add = readers[0]
+    other = other_operand(add, t)
+    if other is None:
+        return None
+    c = const_value(other)
+    if c is None or not is_float(np.asarray(c)):
+        return None
+    vec = last_axis_vector(np.asarray(c), n, rank)
+    return (add, vec) if vec is not None else None
 
 
 def conv_params_private(node: gs.Node, graph: gs.Graph) -> Verdict:

@@ -5,7 +5,8 @@
     Transpose is ``W``'s only reader, so the file never holds both layouts.
 
 ``scale_after_linear``
-    ``(x @ W + b) * c = x @ (W * c) + b * c`` and ``/ c`` is ``* (1 / c)``, for a constant ``c`` that
+    ``(x @ W + b) * c = x @ (W * c) + b * c`` and ``/ c`` is ``* (1 / c)`` — also when the bias is a
+    separate constant ``Add`` between a MatMul/Gemm and the scaling — for a constant ``c`` that
     broadcasts only along the output-feature axis (scalar, ``[N]``, ``[1, ..., N]`` for MatMul/Gemm;
     scalar, ``[O, 1, 1]``, ``[1, O, 1, 1]`` for Conv, where ``W'[o] = W[o] * c[o]``).
 
@@ -32,6 +33,7 @@ from onnxcompress.fuse.patterns import (
     Linear,
     RuleContext,
     as_linear,
+    bias_add_after,
     conv_params_private,
     channel_vector,
     emit_linear,
@@ -80,6 +82,8 @@ class _Scale:
     layer: gs.Node
     lin: Linear | None = None
     vec: np.ndarray | None = None
+    bias_add: gs.Node | None = None   # scale_after_linear: an Add(bias) between the layer and the scaling
+    bias: np.ndarray | None = None
 
 
 def _scale_operands(node: gs.Node) -> tuple[gs.Tensor, gs.Tensor] | None:
@@ -149,6 +153,14 @@ class _ScaleRule(FuseRule):
         for v in (_factor(m), sole_reader(*between, graph), _layer_ok(m, graph)):
             if not v:
                 return v
+        if m.bias_add is not None:
+            if m.layer.op == "Conv":
+                return Verdict.no("a Conv followed by Add")
+            found = bias_add_after(m.layer.outputs[0], m.lin.n, self.rc.rank(m.layer.outputs[0]), graph)
+            if found is None or found[0] is not m.bias_add:
+                return Verdict.no("the Add between the layer and the scaling does not add a constant per-column "
+                                  "vector to the layer's only output reader")
+            m.bias = found[1].astype(np.float64)
         if not self.after and any(t is m.scale.outputs[0] for t in m.layer.inputs[1:]):
             return Verdict.no("the scaled tensor is also the weight")
         rank = self.rc.rank(m.x)
@@ -169,6 +181,8 @@ class _ScaleRule(FuseRule):
         out = (m.scale if self.after else m.layer).outputs[0]
         x = m.layer.inputs[0] if self.after else m.x
         disconnect(m.scale)
+        if m.bias_add is not None:
+            disconnect(m.bias_add)
         s = m.vec
         if m.layer.op == "Conv":
             w = np.asarray(const_value(m.layer.inputs[1]), np.float64)
@@ -180,7 +194,10 @@ class _ScaleRule(FuseRule):
             lin = m.lin
             disconnect(lin.node)
             w2 = lin.w.astype(np.float64) * (s[None, :] if self.after else s[:, None])
-            b2 = None if lin.bias is None else lin.bias.astype(np.float64) * (s if self.after else 1.0)
+            b = None if lin.bias is None else lin.bias.astype(np.float64)
+            if m.bias is not None:
+                b = m.bias if b is None else b + m.bias
+            b2 = None if b is None else b * (s if self.after else 1.0)
             emit_linear(self.rc, graph, lin, x, w2, b2, out, "scaled")
         return f"{m.scale.op} {m.scale.name} folded into the weight of {m.layer.op} {m.layer.name}"
 
@@ -194,6 +211,10 @@ class ScaleAfterLinear(_ScaleRule):
         if ops is None:
             return None
         p = producer(ops[0])
+        if p is not None and p.op == "Add":  # (x W + b) * c: look through the bias Add
+            layer = next((producer(t) for t in p.inputs if producer(t) is not None
+                          and producer(t).op in ("MatMul", "Gemm")), None)
+            return _Scale(node, ops[1], ops[0], layer, bias_add=p) if layer is not None else None
         if p is None or p.op not in ("MatMul", "Gemm", "Conv"):
             return None
         return _Scale(node, ops[1], ops[0], p)
