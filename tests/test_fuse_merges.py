@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx.version_converter
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 import builders as b
 from fuse_models import CORPUS, apply, assert_lossless, bundled, header, ops, parse, randn, random_chain

@@ -35,16 +35,15 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.fuse.patterns import (
     FuseRule,
-    RuleContext,
     as_linear,
     emit_linear,
     is_float,
-    own_constant,
+    conv_params_private,
     sole_reader,
     weights_private,
 )
 from onnxcompress.graph.query import const_value, producer
-from onnxcompress.graph.rewrite import Rule, Verdict, disconnect
+from onnxcompress.graph.rewrite import Verdict, disconnect
 
 __all__ = ["BnAfterLinear", "BnBeforeLinear", "bn_affine", "bn_inference_check"]
 
@@ -124,15 +123,13 @@ class BnAfterLinear(FuseRule):
             if np.asarray(const_value(m.bn.inputs[1])).size != lin.n:
                 return Verdict.no("channel count mismatch")
             return weights_private(lin, graph)
-        v = own_constant(layer.inputs[1], layer, graph)
+        v = conv_params_private(layer, graph)
         if not v:
             return v
         w = np.asarray(const_value(layer.inputs[1]))
         out_ch = w.shape[0] if layer.op == "Conv" else w.shape[1] * int(layer.attrs.get("group", 1))
         if np.asarray(const_value(m.bn.inputs[1])).size != out_ch:
             return Verdict.no("channel count mismatch")
-        if len(layer.inputs) > 2 and layer.inputs[2].name:
-            return own_constant(layer.inputs[2], layer, graph, "bias")
         return Verdict.yes()
 
     def rewrite(self, m: _Pair, graph: gs.Graph, ctx) -> str:
@@ -193,13 +190,11 @@ class BnBeforeLinear(FuseRule):
                 return Verdict.no("Conv with group > 1")
             if not _conv_pads_zero(layer):
                 return Verdict.no("Conv pads its input with zeros, which BatchNormalization's shift would not reach")
-            v = own_constant(layer.inputs[1], layer, graph)
+            v = conv_params_private(layer, graph)
             if not v:
                 return v
             if np.asarray(const_value(layer.inputs[1])).shape[1] != c:
                 return Verdict.no("channel count mismatch")
-            if len(layer.inputs) > 2 and layer.inputs[2].name:
-                return own_constant(layer.inputs[2], layer, graph, "bias")
             return Verdict.yes()
         lin, why = as_linear(layer, graph)
         if lin is None:

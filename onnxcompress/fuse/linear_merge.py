@@ -44,18 +44,16 @@ import onnx_graphsurgeon as gs
 from onnxcompress.fuse.patterns import (
     FuseRule,
     Linear,
-    RuleContext,
     as_linear,
     bias_add_after,
     conv_params_private,
     is_float,
     last_axis_vector,
-    own_constant,
     sole_reader,
     weights_private,
 )
 from onnxcompress.graph.query import const_value, consumers, producer
-from onnxcompress.graph.rewrite import Rule, Verdict, disconnect
+from onnxcompress.graph.rewrite import Verdict, disconnect
 
 __all__ = ["MatMulAddToGemm", "ConsecutiveLinear", "ConsecutiveConv1x1", "ParallelLinear"]
 
