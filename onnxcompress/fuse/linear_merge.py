@@ -317,7 +317,8 @@ class ParallelLinear(FuseRule):
         if node.op not in ("MatMul", "Gemm") or not node.inputs:
             return None
         x = node.inputs[0]
-        peers = [c for c in consumers(x) if c.op == node.op and c.inputs and c.inputs[0] is x]
+        in_graph = {id(n) for n in graph.nodes}  # readers in sibling subgraphs cannot be merged with this one
+        peers = [c for c in consumers(x) if c.op == node.op and c.inputs and c.inputs[0] is x and id(c) in in_graph]
         # match once per (input, op): at the first such reader
         if len(peers) < 2 or peers[0] is not node:
             return None
