@@ -136,9 +136,19 @@ def test_repairs_sparse_shared_mlp_on_digits(teacher, calib):
     assert all(r["grid"].startswith("codebook") for r in rows)
 
 
-def test_dense_student_is_improved_or_left_alone(teacher, calib):
-    """A student that equals the teacher cannot be improved: every layer declines, nothing changes."""
+def test_student_equal_to_teacher_stays_as_it_is(teacher, calib):
+    """Nothing to repair: every layer is left alone or refitted to (numerically) the same weights,
+    so the outputs stay within the lossless budget."""
     same, res = _distill(teacher, teacher, calib)
+    assert all(r["error_after"] <= r["error_before"] + 1e-9 for r in res.details["layers"])
+    x = {"x": np.random.default_rng(0).random((16, 64)).astype(np.float32)}
+    (a,), (b,) = builders.run(teacher, x), builders.run(same, x)
+    assert np.abs(a - b).max() <= 1e-5 + 1e-4 * np.abs(a).max()
+
+
+def test_a_refit_that_does_not_help_is_declined(teacher, calib):
+    """With the ridge pulling toward zero, the refit of an exact student is worse: declined, unchanged."""
+    same, res = _distill(teacher, teacher, calib, DistillConfig(ridge=0.1, ridge_toward="zero"))
     assert not res.modified
     assert all("does not lower the layer error" in s.reason for s in res.skipped)
     for name, w in _weights(teacher).items():
@@ -263,3 +273,29 @@ def test_cli_distill_flag(teacher, calib, tmp_path):
     assert steps.index("sparsify") < steps.index("distill")
     pruned_only = tm.edit_weights(teacher, lambda n, w: tm.magnitude_prune(w, 0.8))
     assert digits_accuracy(str(out)) > digits_accuracy(pruned_only)
+
+
+def test_static_int8_model_is_repaired_on_its_grids(teacher, calib):
+    """quantize_int8 (static QDQ: int8 weights, int32 biases, Relu fused into the activation Q, layer
+    outputs renamed) then distill: every Gemm is refitted, targets map back to the teacher's tensors
+    (the pre-Relu output where the Relu was fused), the biases stay int32 behind their DequantizeLinear."""
+    from onnxcompress.quantize.config import QuantizeInt8Config
+
+    int8 = compress(teacher, Recipe(steps=(QuantizeInt8Config(),), verify=OFF), data=calib)
+    both = compress(teacher, Recipe(steps=(QuantizeInt8Config(), DistillConfig()), verify=OFF), data=calib)
+    rows = both.report.step("distill").details["layers"]
+    assert [r["target"] for r in rows] == ["fc0_out", "fc1_out", "logits"]
+    assert all(r["refit"] and r["grid"] == "int8 grid" for r in rows)
+    assert _ops(both.model) == _ops(int8.model)
+    w = _weights(both.model)
+    assert {k: v.dtype for k, v in w.items() if k.endswith("bias_quantized")} == \
+        {f"fc{i}.bias_quantized": np.dtype(np.int32) for i in range(3)}
+    from onnxcompress.datasets import digits_feeds
+
+    feed = digits_feeds(teacher, "test")
+    (ref,), (a,), (b,) = (builders.run(m, feed) for m in (teacher, int8.model, both.model))
+
+    def cos(x, y):
+        return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
+
+    assert cos(ref, b) >= cos(ref, a) - 1e-4  # never worse than int8 alone on held-out data

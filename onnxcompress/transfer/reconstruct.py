@@ -10,8 +10,11 @@ teacher's target ``T`` (the teacher tensor with the layer output's name; for a s
 student its channels are mapped to the student's kept channels), each output ``o`` is solved over
 the positions ``S_o`` its weight row keeps (the sparsity mask: zeros stay zero)::
 
-    [w_S; b] = argmin ‖[A_S 1]·[w_S; b] − T_o‖² + λ·‖w_S‖²        λ = ridge · mean(diag(AᵀA)/N)
-             = (G_SS + λI)⁻¹ · c_S    with G = [A 1]ᵀ[A 1],  c = [A 1]ᵀ T_o
+    [w_S; b] = argmin ‖[A_S 1]·[w_S; b] − T_o‖² + λ·‖w_S − w⁰_S‖²     λ = ridge · mean(diag(AᵀA))
+             = (G_SS + λI)⁻¹ · (c_S + λ·w⁰_S)    with G = [A 1]ᵀ[A 1],  c = [A 1]ᵀ T_o
+
+where ``w⁰`` is the student's current weight (``ridge_toward="current"``: with little data the
+refit stays near what it had) or 0.
 
 Only the streamed sums ``G`` (d+1 × d+1), ``[A 1]ᵀT`` and ``ΣT²`` are kept, batch by batch, so
 memory does not grow with the number of samples. The fit is **sequential**: ``A`` comes from the
@@ -77,6 +80,9 @@ class DistillConfig(StepConfig):
 
     ridge: float = option(1e-3, "ridge penalty, relative to the mean diagonal of the layer's input Gram matrix",
                           flag="--distill-ridge", minimum=0)
+    ridge_toward: str = option("current", "the ridge pulls the refitted weights toward the student's current weights "
+                                          "(a prior that matters when data is scarce) or toward zero",
+                               choices=("current", "zero"))
     max_samples: int = option(2048, "calibration samples used (first-dimension rows of the feeds)",
                               flag="--distill-samples", minimum=1)
     ops: tuple[str, ...] = option(LAYER_OPS, "layer types refitted, comma separated", choices=LAYER_OPS)
@@ -105,6 +111,8 @@ class Layer:
     bias: gs.Tensor | None               # constant bias, or None
     kind: str                            # "gemm_t" ([O, K]), "kn" ([K, O]), "conv" ([O, C, kh, kw])
     dq: gs.Node | None = None            # DequantizeLinear producing the weight, if any
+    bias_dq: gs.Node | None = None       # DequantizeLinear (int32) producing the bias, if any
+    teacher: str = ""                    # the teacher tensor the target is compared with
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -112,8 +120,10 @@ class Layer:
         return self.node.name or self.target.name
 
 
-def _weight_source(t: gs.Tensor, layer: gs.Node, graph: gs.Graph) -> tuple[gs.Node | None, str | None]:
-    """``(DequantizeLinear node or None, reason it cannot be refitted or None)``."""
+def _weight_source(t: gs.Tensor, layer: gs.Node, graph: gs.Graph, integer: tuple = (np.int8, np.uint8)
+                   ) -> tuple[gs.Node | None, str | None]:
+    """``(DequantizeLinear node or None, reason it cannot be refitted or None)``; ``integer``: the
+    quantized dtypes accepted behind a DequantizeLinear."""
     if is_graph_io(t, graph):
         return None, f"weight {t.name!r} is a graph input or output"
     if any(c is not layer for c in t.outputs):
@@ -129,8 +139,8 @@ def _weight_source(t: gs.Tensor, layer: gs.Node, graph: gs.Graph) -> tuple[gs.No
             return None, f"DequantizeLinear of {t.name!r} reads a non-constant"
         if any(c is not p for c in q.outputs) or is_graph_io(q, graph):
             return None, f"quantized weight {q.name!r} is shared"
-        if np.dtype(weight_ref(q, graph).dtype) not in (np.int8, np.uint8):
-            return None, f"quantized weight {q.name!r} is {weight_ref(q, graph).dtype}, not int8/uint8"
+        if np.dtype(weight_ref(q, graph).dtype) not in integer:
+            return None, f"quantized tensor {q.name!r} is {weight_ref(q, graph).dtype}"
         if int(p.attrs.get("block_size", 0) or 0):
             return None, "blocked DequantizeLinear is not refitted"
         return p, None
@@ -179,12 +189,48 @@ def _check_layer(node: gs.Node, graph: gs.Graph) -> tuple[Layer | None, str | No
     if reason:
         return None, reason
     if bias is not None:
+        bias_dq = None
         if weight_ref(bias, graph) is None:
-            return None, "the bias is not a constant"
+            bias_dq, why = _weight_source(bias, node, graph, integer=(np.int32,))
+            if bias_dq is None:
+                return None, "the bias is not a constant" + (f" ({why})" if why else "")
         if any(c is not node and not (c.op == "Add" and c.outputs and c.outputs[0] is target) for c in bias.outputs) \
                 or is_graph_io(bias, graph):
             return None, f"bias {bias.name!r} is shared"
+        return Layer(node, x, target, w, bias, kind, dq, bias_dq), None
     return Layer(node, x, target, w, bias, kind, dq), None
+
+
+def _teacher_tensor(layer: Layer, teacher: onnx.ModelProto) -> str | None:
+    """The teacher tensor that the layer's target corresponds to, by name.
+
+    The target's own name; or, when the layer writes into an activation ``QuantizeLinear ->
+    DequantizeLinear`` pair (static int8 renames the layer output and gives the pair's output the
+    old name), the pair's output name — and if that tensor is a Relu's output in the teacher while the
+    Q's zero point is the type's minimum (the Relu was fused into the Q), the Relu's input.
+    """
+    produced = {o: n for n in teacher.graph.node for o in n.output}
+    names = set(produced) | {o.name for o in teacher.graph.output}
+    t = layer.target
+    if t.name in names:
+        return t.name
+    cons = t.outputs
+    if len(cons) != 1 or cons[0].op != "QuantizeLinear" or not cons[0].outputs:
+        return None
+    q = cons[0]
+    dqs = q.outputs[0].outputs
+    if len(dqs) != 1 or dqs[0].op != "DequantizeLinear" or not dqs[0].outputs:
+        return None
+    name = dqs[0].outputs[0].name
+    if name not in names:
+        return None
+    p = produced.get(name)
+    zp = q.inputs[2] if len(q.inputs) > 2 else None
+    zpv = np.asarray(zp.values) if isinstance(zp, gs.Constant) else None
+    fused_relu = zpv is not None and zpv.dtype.kind in "iu" and np.all(zpv == np.iinfo(zpv.dtype).min)
+    if p is not None and p.op_type == "Relu" and fused_relu:
+        return p.input[0]
+    return name
 
 
 def find_layers(graph: gs.Graph, ops: tuple[str, ...] = LAYER_OPS) -> tuple[list[Layer], list[tuple[str, str]]]:
@@ -297,13 +343,20 @@ def _ridge_gram(gram: np.ndarray, idx: np.ndarray, *, ridge: float, bias: bool, 
     return g
 
 
-def solve_masked(gram: np.ndarray, cross: np.ndarray, mask: np.ndarray, *, ridge: float, bias: bool) -> np.ndarray:
+def solve_masked(gram: np.ndarray, cross: np.ndarray, mask: np.ndarray, *, ridge: float, bias: bool,
+                 prior: np.ndarray | None = None) -> np.ndarray:
     """Per output row ``o``: least squares over the kept positions ``mask[o]`` (and the bias column).
 
     ``gram`` is ``[A 1]ᵀ[A 1]`` (``d+1`` square, last = the ones column), ``cross`` is ``[A 1]ᵀT``
-    (``[d+1, O]``), ``mask`` is ``[O, d]`` bool. Returns ``[O, d+1]`` (zeros outside the mask; the
-    last column is the bias, 0 when ``bias`` is False).
+    (``[d+1, O]``), ``mask`` is ``[O, d]`` bool. The ridge pulls the weights toward ``prior``
+    (``[O, d+1]``, e.g. the current weights; zeros when None): ``(G + λI) w = c + λ·prior``.
+    Returns ``[O, d+1]`` (zeros outside the mask; the last column is the bias, 0 when ``bias`` is
+    False).
     """
+    if prior is not None and ridge > 0:
+        d0 = gram.shape[0] - 1
+        lam = ridge * float(np.mean(np.diag(gram)[:d0])) if d0 else 0.0
+        cross = cross + lam * np.concatenate([prior[:, :d0], np.zeros((prior.shape[0], 1))], axis=1).T
     d = gram.shape[0] - 1
     out = np.zeros((mask.shape[0], d + 1))
     groups: dict[bytes, list[int]] = {}
@@ -469,10 +522,10 @@ class DistillPass(Pass):
         for node, reason in declined:
             res.skip(node, "distill", reason)
         teacher = ctx.original.model
-        t_names = {o for n in teacher.graph.node for o in n.output} | {o.name for o in teacher.graph.output}
         todo = []
         for layer in layers:
-            if layer.target.name not in t_names:
+            layer.teacher = _teacher_tensor(layer, teacher) or ""
+            if not layer.teacher:
                 res.skip(layer.name, "distill", f"the teacher has no tensor named {layer.target.name!r}")
             else:
                 todo.append(layer)
@@ -480,7 +533,7 @@ class DistillPass(Pass):
         res.details["layers"] = rows_out
         if not todo:
             return res
-        batches = self._teacher_activations(ctx, teacher, [l.target.name for l in todo], cfg.max_samples)
+        batches = self._teacher_activations(ctx, teacher, [l.teacher for l in todo], cfg.max_samples)
         for layer in todo:
             rec = self._refit(layer, graph, ctx, batches, res)
             if rec is not None:
@@ -519,13 +572,20 @@ class DistillPass(Pass):
         _, files, index = batches
         w = _current_weight(layer, graph)
         rows = _to_rows(w, layer.kind)
-        bias = np.asarray(weight_ref(layer.bias, graph).values, np.float64) if layer.bias is not None else None
+        bias = None
+        if layer.bias_dq is not None:
+            bias = dq_params(layer.bias_dq, graph)[0].reshape(-1)
+        elif layer.bias is not None:
+            bias = np.asarray(weight_ref(layer.bias, graph).values, np.float64).reshape(-1)
+        if bias is not None and bias.size != rows.shape[0]:
+            res.skip(layer.name, "distill", f"bias of {bias.size} values for {rows.shape[0]} outputs")
+            return None
         model = ctx.model_of(graph)
         sess = _session(model, [layer.x.name, layer.target.name], ctx.base_dir)
         from onnxcompress.verify.session import run_session
 
         st = _Stats()
-        key = f"t{index[layer.target.name]}"
+        key = f"t{index[layer.teacher]}"
         for path in files:
             with np.load(path) as z:
                 feed = {k[5:]: z[k] for k in z.files if k.startswith("feed:")}
@@ -535,7 +595,7 @@ class DistillPass(Pass):
             ys = _out_rows(np.asarray(outs[layer.target.name], np.float64), layer.kind)
             tr = _out_rows(t, layer.kind)
             if tr.shape[0] != a.shape[0] or tr.shape[1] < rows.shape[0]:
-                res.skip(layer.name, "distill", f"teacher tensor {layer.target.name!r} has shape {list(t.shape)}, "
+                res.skip(layer.name, "distill", f"teacher tensor {layer.teacher!r} has shape {list(t.shape)}, "
                                                 f"the student's layer gives {rows.shape[0]} channels")
                 return None
             st.add(a, tr, ys if tr.shape[1] != rows.shape[0] else None)
@@ -546,7 +606,8 @@ class DistillPass(Pass):
         mask = rows != 0
         old = np.concatenate([rows, (bias if bias is not None else np.zeros(rows.shape[0]))[:, None]], axis=1)
         err_before = _sq_error(old, st.gram, st.cross, st.tt)
-        new = solve_masked(st.gram, st.cross, mask, ridge=cfg.ridge, bias=bias is not None)
+        new = solve_masked(st.gram, st.cross, mask, ridge=cfg.ridge, bias=bias is not None,
+                           prior=old if cfg.ridge_toward == "current" else None)
         grid = self._grid(layer, graph, new[:, :-1], mask)
         if grid is not None and cfg.error_feedback:
             new = snap_with_feedback(st.gram, new, mask, grid, ridge=cfg.ridge, bias=bias is not None)
@@ -556,7 +617,7 @@ class DistillPass(Pass):
                 # b_o = (Σ t_o − Σ_rows a·w_o) / N, with the last row of the Gram holding Σ a
                 new[:, -1] = (st.cross[-1] - new[:, :-1] @ st.gram[-1, :-1]) / st.gram[-1, -1]
         err_after = _sq_error(new, st.gram, st.cross, st.tt)
-        rec = {"node": layer.name, "tensor": layer.weight.name, "target": layer.target.name,
+        rec = {"node": layer.name, "tensor": layer.weight.name, "target": layer.teacher,
                "error_before": err_before / st.rows, "error_after": err_after / st.rows,
                "kept": int(mask.sum()), "grid": layer.notes.get("grid", "float"),
                "channel_map": cmap.tolist() if cmap is not None else None}
@@ -612,5 +673,11 @@ class DistillPass(Pass):
             _set_const(layer.dq.inputs[0], graph, np.clip(np.round(w / scale + zp), info.min, info.max).astype(q.dtype))
         else:
             _set_const(layer.weight, graph, _from_rows(new[:, :-1], layer.kind, shape))
-        if has_bias:
-            _set_const(layer.bias, graph, new[:, -1])
+        if has_bias and layer.bias_dq is not None:  # int32 bias: on its own (fine) grid
+            _, scale, zp = dq_params(layer.bias_dq, graph)
+            q = np.asarray(weight_ref(layer.bias_dq.inputs[0], graph).values)
+            info = np.iinfo(q.dtype)
+            b = new[:, -1].reshape(q.shape)
+            _set_const(layer.bias_dq.inputs[0], graph, np.clip(np.round(b / scale + zp), info.min, info.max))
+        elif has_bias:
+            _set_const(layer.bias, graph, new[:, -1].reshape(np.shape(weight_ref(layer.bias, graph).values)))
