@@ -448,3 +448,39 @@ def test_property_widths_follow_keep_count_and_the_model_runs():
         assert y.shape == (3, 3) and np.isfinite(y).all()
 
     check()
+
+
+# -- the bundled digits CNN (exported by PyTorch): pruning a channel == silencing it ----------------
+
+
+def test_bundled_cnn_pruning_equals_silencing_the_removed_channels():
+    """On the exported digits CNN, the pruned model computes exactly what the original computes
+    when the removed channels' BatchNormalization scale and shift are zeroed (so they are 0 after
+    ReLU and contribute nothing downstream)."""
+    from onnxcompress.datasets import bundled_model_path, digits_feeds
+
+    try:
+        path = bundled_model_path("cnn")
+    except FileNotFoundError:
+        pytest.skip("models/cnn.onnx is not built")
+    m = onnx.load(path)
+    out, step = prune(m, ratio=0.25)
+    groups = step["details"]["groups"]
+    assert groups and any("ReduceMean is not understood" in s["reason"] for s in step["skipped"])
+    silenced = onnx.ModelProto()
+    silenced.CopyFrom(m)
+    inits = {t.name: t for t in silenced.graph.initializer}
+    for node in silenced.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        keep = next((g["keep"][node.output[0]] for g in groups if node.output[0] in g["keep"]), None)
+        if keep is None:
+            continue
+        for name in node.input[1:3]:  # gamma, beta
+            v = numpy_helper.to_array(inits[name]).copy()
+            v[[i for i in range(len(v)) if i not in keep]] = 0
+            inits[name].CopyFrom(numpy_helper.from_array(v, name))
+    valid(out)
+    f = digits_feeds(m, "test")
+    assert lossless_close(run(silenced, f)[0], run(out, f)[0])
+    assert not lossless_close(run(m, f)[0], run(out, f)[0])
