@@ -494,3 +494,17 @@ def test_conv_transpose_gets_int8_storage_not_slow_qdq(tmp_path):
     x = _feeds(m, 2, seed=2)
     ref, got = builders.run(m, x)[0], builders.run(res.model, x, optimize=True)[0]
     assert _cosine(ref, got) > 0.9999
+
+
+def test_a_weight_shared_with_a_float_reader_keeps_its_float_copy():
+    m = _gemm_relu()
+    # fc1.w is also read by a float Mul whose result is a graph output
+    m.graph.node.append(helper.make_node("Mul", ["fc1.w", "fc1.w"], ["w_sq"], name="square"))
+    m.graph.output.append(helper.make_tensor_value_info("w_sq", TensorProto.FLOAT, [48, 64]))
+    res = compress(m, _recipe(mode="static"), data=[_feeds(m, 32, seed=1)])
+    out = res.model
+    plan = {n["node"]: n for n in _plan(res)["nodes"]}
+    assert plan["fc1"]["form"] == "qdq" and "shared" in plan["fc1"]["weight"]
+    assert any(t.name == "fc1.w" and t.data_type == TensorProto.FLOAT for t in out.graph.initializer)
+    x = _feeds(m, 4, seed=2)
+    np.testing.assert_array_equal(builders.run(m, x)[1], builders.run(out, x)[1])  # the float reader is exact

@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.errors import CalibrationError
 from onnxcompress.graph.naming import Namer
-from onnxcompress.graph.query import const_value, consumers, is_constant, is_graph_io, iter_graphs, producer
+from onnxcompress.graph.query import const_value, consumers, is_constant, is_graph_io, iter_graphs
 from onnxcompress.graph.rewrite import disconnect, replace_all_uses, replace_output
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.quantize import policy
