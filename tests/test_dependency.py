@@ -246,3 +246,20 @@ def test_transformer_ffn_hidden_group_is_prunable_and_the_residual_stream_is_not
     stream = [g for g in groups.values() if g is not ffn]
     assert stream and all(g.blocked for g in stream)
     assert any("graph input" in r or "LayerNormalization" in r for g in stream for _, r in g.blocked)
+
+
+@pytest.mark.parametrize("axes,keepdims,prunable", [((2, 3), 0, True), ((2, 3), 1, True), ((1,), 1, False)])
+def test_reductions_keep_channels_unless_they_reduce_the_channel_axis(axes, keepdims, prunable):
+    n = Net(shape=(2, 3, 4, 4), opset=18)
+    c = n.node("Relu", [n.conv("x", 3, 8)])
+    red = n.node("ReduceMean", [c, n.init("axes", np.array(axes, np.int64))], keepdims=keepdims)
+    flat = n.node("Flatten", [red], axis=1)
+    width = 8 if 1 not in axes else 16
+    m = n.model(n.gemm(flat, width, 3), (2, 3))
+    _, groups = groups_by_name(m)
+    grp = groups["conv1"]
+    assert (grp.prunable and not grp.blocked) == prunable
+    if prunable:
+        assert any(p.node.op == "Gemm" and p.role == "in" for p in grp.params) and len(grp.units()) == 8
+    else:
+        assert any("reduces over the channel axis" in r for _, r in grp.blocked)

@@ -11,7 +11,8 @@ be removed together:
 * a consumer's input channel ``i`` is linked to its weight's input row/column ``i``
   (Gemm ``B[i, :]`` or ``B[:, i]`` with ``transB``; MatMul ``B[i, :]``; Conv ``W[:, i]``; grouped Conv
   ``W[o, i - g·Cin/g]`` for outputs ``o`` of group ``g`` — every group must keep the same count);
-* elementwise and channel-preserving ops (Relu, Clip, Sigmoid, pools, Dropout, BatchNormalization,
+* elementwise and channel-preserving ops (Relu, Clip, Sigmoid, pools, reductions over other axes,
+  Dropout, BatchNormalization,
   Add/Mul/Sub/Div/Sum/Max/Min, PRelu, depthwise Conv ``group == C``) link input ``i`` to output ``i``;
   their constant operands are sliced when they are per-channel along the axis (``shape[axis] == C``)
   and left alone when they broadcast (``shape[axis] == 1``); a residual Add links both inputs, so the
@@ -80,6 +81,9 @@ _BINARY = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "PRelu", "Po
 #: channel-preserving ops on NC... tensors (axis 1 only)
 _POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 _RESHAPE_LIKE = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+#: reductions keep the channel axis when they reduce other axes only
+_REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceProd",
+           "ReduceLogSumExp", "ReduceSumSquare"}
 #: ops a constant weight may be computed by (evaluated with numpy)
 _CONST_CHAIN = {"ConstantOfShape", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Cast"}
 
@@ -415,6 +419,8 @@ class _Builder:
             self.matmul(node, s, as_output)
         elif op in _UNARY or op in _BINARY or op in _POOL or op == "BatchNormalization":
             self.elementwise(node, s)
+        elif op in _REDUCE:
+            self.reduce(node, s)
         elif op == "Concat":
             self.concat(node, s)
         elif op == "Split":
@@ -574,6 +580,34 @@ class _Builder:
                 self.block(s, node.name, f"the shape of {t.name} is unknown")
                 continue
             self.link(s, other)
+
+    def reduce(self, node: gs.Node, s: Space) -> None:
+        """A reduction over other axes keeps channel i in output channel i (shifted by the reduced
+        axes before it when ``keepdims=0``)."""
+        if not self.once(node, "reduce"):
+            return
+        x = node.inputs[0]
+        if x is not s.tensor:
+            self.block(s, node.name, f"the tensor is read as {node.op}'s axes")
+            return
+        r = self.rank(x)
+        axes = _attr_or_input_ints(node, "axes", 1)
+        if axes is None:
+            if int(node.attrs.get("noop_with_empty_axes", 0)):
+                axes = []
+            else:
+                self.block(s, node.name, f"{node.op} reduces every axis")
+                return
+        axes = sorted({a % r for a in axes})
+        if s.axis in axes:
+            self.block(s, node.name, f"{node.op} reduces over the channel axis")
+            return
+        keep = int(node.attrs.get("keepdims", 1))
+        ys = self.space(node.outputs[0], s.axis if keep else s.axis - sum(a < s.axis for a in axes))
+        if ys is None:
+            self.block(s, node.name, "unknown output shape")
+            return
+        self.link(s, ys)
 
     def concat(self, node: gs.Node, s: Space) -> None:
         if not self.once(node, "concat"):
