@@ -76,6 +76,7 @@ class Case:
     feeds: list[dict[str, Any]] = field(default_factory=list)  # empty: seeded random feeds
     expected: list[list[Any]] = field(default_factory=list)    # per feed, per output (may be empty)
     converted: bytes | None = None  # opset < 7: the model after onnx.version_converter (what we compress)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # per-case results shared by all recipes
 
     @property
     def source(self) -> str | bytes:
@@ -206,20 +207,24 @@ def _session(model: str | bytes, optimize: bool) -> ort.InferenceSession:
 def feeds_for(case: Case) -> list[dict[str, Any]]:
     if case.feeds:
         return case.feeds
-    from onnxcompress.data import random_feeds
+    if "random" not in case.cache:
+        from onnxcompress.data import random_feeds
 
-    return [random_feeds(case.source, seed=0, batch=2)]
+        case.cache["random"] = [random_feeds(case.source, seed=0, batch=2)]
+    return case.cache["random"]
 
 
 def original_runs(case: Case) -> str | None:
-    """None when onnxruntime runs the original model on its feeds here, else why not."""
-    try:
-        sess = _session(case.source, optimize=False)
-        for feed in feeds_for(case):
-            sess.run(None, feed)
-    except Exception as e:
-        return "the original does not run in onnxruntime here: " + " ".join(str(e).split())[:160]
-    return None
+    """None when onnxruntime runs the original model on its feeds here, else why not (computed once;
+    the reference outputs, unoptimized CPU, are kept for every recipe)."""
+    if "why" not in case.cache:
+        try:
+            sess = _session(case.source, optimize=False)
+            case.cache["reference"] = [sess.run(None, feed) for feed in feeds_for(case)]
+            case.cache["why"] = None
+        except Exception as e:
+            case.cache["why"] = "the original does not run in onnxruntime here: " + " ".join(str(e).split())[:160]
+    return case.cache["why"]
 
 
 def _flat(v: Any) -> list[np.ndarray]:
@@ -285,7 +290,6 @@ def run_case(case: Case, recipe: Recipe, tmp: Path) -> Outcome:
         result.save(out)
         onnx.checker.check_model(str(out))
         cand = _session(str(out), optimize=True)
-        ref = _session(case.source, optimize=False) if lossless else None
     except Exception as e:
         return Outcome("FAIL", f"output invalid: {type(e).__name__}: {' '.join(str(e).split())[:200]}",
                        seconds=time.perf_counter() - t0)
@@ -296,8 +300,8 @@ def run_case(case: Case, recipe: Recipe, tmp: Path) -> Outcome:
         except Exception as e:
             return Outcome("FAIL", f"output does not run: {' '.join(str(e).split())[:200]}",
                            seconds=time.perf_counter() - t0)
-        if ref is not None:
-            want = ref.run(None, feed)
+        if lossless:
+            want = case.cache["reference"][i]
             for name, w, g in zip([o.name for o in cand.get_outputs()], want, got):
                 why = close(w, g)
                 if why:
