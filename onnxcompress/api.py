@@ -160,11 +160,29 @@ def embed_plan(model: onnx.ModelProto, plan: dict[str, Any]) -> None:
     from onnxcompress.report import _json_default
     from onnxcompress.transfer.transplant import PLAN_KEY
 
+    plan = _lean(plan)
     keep = [p for p in model.metadata_props if p.key != PLAN_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
     entry = model.metadata_props.add()
     entry.key, entry.value = PLAN_KEY, json.dumps(plan, separators=(",", ":"), default=_json_default)
+
+
+def _lean(obj: Any) -> Any:
+    """The plan as embedded in a model: measurements (lists of floats such as codebooks and
+    per-channel scales, which replay recomputes from the new weights) are dropped, floats are
+    rounded to 6 significant digits; integer lists (kept channel indices) stay whole. The report
+    keeps the full plan."""
+    if isinstance(obj, dict):
+        return {k: _lean(v) for k, v in obj.items()
+                if not (isinstance(v, list) and v and any(isinstance(x, float) or
+                                                          (isinstance(x, list) and x and isinstance(x[0], float))
+                                                          for x in v))}
+    if isinstance(obj, list):
+        return [_lean(v) for v in obj]
+    if isinstance(obj, float):
+        return float(f"{obj:.6g}")
+    return obj
 
 
 def _verify(src: ModelSource, out: onnx.ModelProto, recipe: Recipe, ctx: Context, lossless: bool):
@@ -178,6 +196,9 @@ def _verify(src: ModelSource, out: onnx.ModelProto, recipe: Recipe, ctx: Context
     feeds = None
     source = ctx.feeds(src.model)
     if source is not None:
-        feeds = [f for _, f in zip(range(2), source)]
+        feeds = [f for _, f in zip(range(2), source)] or None
+        if feeds is None:  # a one-shot reader or generator was used up by calibration
+            ctx.note("verification used seeded random inputs: the calibration data source could not be "
+                     "read a second time (pass an .npz, a folder or a list to verify on real data)")
     return compare_models(src.model, out, feeds=feeds, providers=v.providers, tolerance=tol, seed=recipe.seed,
                           batch=v.batch, ref_base_dir=src.base_dir, cand_base_dir=src.base_dir)

@@ -173,6 +173,18 @@ class Report:
         a, b = Counter(self.input.op_counts), Counter(self.output.op_counts)
         return {k: b[k] - a[k] for k in sorted(set(a) | set(b)) if b[k] != a[k]}
 
+    def decoded_sparsity(self) -> float | None:
+        """Zeros among the weights compact storage examined, as they decode at load (None if it did not run
+        or encoded nothing)."""
+        rec = self.step("compact_storage")
+        table = (rec.details.get("tensors") or {}) if rec is not None else {}
+        encoded = [r for r in table.values() if r.get("encoding", "dense") != "dense"]
+        if not encoded:
+            return None
+        total = sum(int(np.prod(r["shape"])) for r in table.values())
+        nonzero = sum(int(r["nonzero"]) for r in table.values())
+        return 1 - nonzero / total if total else None
+
     def step(self, name: str) -> StepRecord | None:
         return next((s for s in self.steps if s.name == name), None)
 
@@ -210,7 +222,11 @@ class Report:
                          f"size      {_human(i.size_bytes)} -> {_human(o.size_bytes)}  ({1 / ratio:.2f}x larger)")
             lines.append(f"params    {i.params:,} -> {o.params:,}")
             lines.append("by dtype  " + ", ".join(f"{k} {_human(v)}" for k, v in o.bytes_by_dtype.items()))
-            if o.sparsity is not None:
+            decoded = self.decoded_sparsity()
+            if decoded is not None:
+                lines.append(f"sparsity  {100 * (i.sparsity or 0):.1f}% -> {100 * decoded:.1f}% zeros in the weights "
+                             "(as decoded at load; compact storage keeps only the non-zeros)")
+            elif o.sparsity is not None:
                 lines.append(f"sparsity  {100 * (i.sparsity or 0):.1f}% -> {100 * o.sparsity:.1f}% zeros in float weights")
             lines.append(f"nodes     {i.nodes} -> {o.nodes}")
             changes = self.op_changes()

@@ -390,3 +390,12 @@ def test_layers_compare_only_shared_names(weights):
     report = compare_models(chain_model(weights), other, layers=True)
     assert report.passed
     assert [layer.name for layer in report.layers] == ["y"]
+
+
+def test_string_outputs_are_compared_exactly():
+    from onnxcompress.verify.metrics import compute_metrics
+
+    ref = np.array(["a", "b", "c"], dtype=object)
+    same = compute_metrics("s", ref, ref.copy())
+    diff = compute_metrics("s", ref, np.array(["a", "x", "c"], dtype=object))
+    assert same.exact == 1.0 and abs(diff.exact - 2 / 3) < 1e-9

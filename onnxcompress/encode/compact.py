@@ -187,6 +187,7 @@ class CompactStoragePass(Pass):
                          "decode ops (BitShift, CumSum, ScatterElements) need")
             return res
         namer = Namer.for_graph(graph)
+        shared: dict = {}  # small decode constants shared between weights of one graph
         rng = ctx.rng("compact_storage") if ctx is not None else np.random.default_rng(0)
         for ref in weights:
             reason = self._refusal(ref)
@@ -207,7 +208,7 @@ class CompactStoragePass(Pass):
             }
             if enc.is_dense:
                 continue
-            self._rewrite(ref, enc, namer, opset)
+            self._rewrite(ref, enc, namer, opset, shared)
             res.changed(f"{ref.name}: {enc.label}, {work.nbytes} -> {enc.nbytes} bytes ({row['ratio']:.3f}x)")
         dense = sum(r["dense_bytes"] for r in table.values())
         encoded = sum(r["encoded_bytes"] for r in table.values())
@@ -228,13 +229,13 @@ class CompactStoragePass(Pass):
         return None
 
     @staticmethod
-    def _rewrite(ref: WeightRef, enc: Encoding, namer: Namer, opset: int) -> None:
+    def _rewrite(ref: WeightRef, enc: Encoding, namer: Namer, opset: int, shared: dict) -> None:
         decoded = enc.decode()
         if decoded.shape != enc.work.flat.shape or not np.array_equal(bit_keys(decoded), bit_keys(enc.work.flat)):
             raise PassError(f"the {enc.label} encoding of {ref.name!r} does not decode to the original bits",
                             where="compact_storage", hint="leave compact_storage out of the recipe and report this bug")
         original = ref.tensor.name
-        b = DecodeBuilder(ref.graph, namer, original, opset)
+        b = DecodeBuilder(ref.graph, namer, original, opset, shared)
         out = enc.emit(b)
         ref.tensor.name = namer.fresh(original, "dense")
         out.name = original

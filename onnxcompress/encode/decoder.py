@@ -34,27 +34,46 @@ def stream_nodes(count: int, bits: int, opset: int) -> int:
 class DecodeBuilder:
     """Appends the decode nodes of one weight (named ``<base>_<suffix>``) to ``graph``."""
 
-    def __init__(self, graph: gs.Graph, namer: Namer, base: str, opset: int) -> None:
+    #: constants up to this many bytes are shared between the decoders of one graph
+    SHARED_BYTES = 16
+
+    def __init__(self, graph: gs.Graph, namer: Namer, base: str, opset: int,
+                 shared: dict | None = None) -> None:
         self.graph = graph
         self.namer = namer
         self.base = base
         self.opset = opset
         self.nodes: list[gs.Node] = []
+        self.shared = shared if shared is not None else {}
+        self._count = 0
+
+    def _name(self) -> str:
+        """Short names (``<base>~<n>``): in a compressed file the decode graph's names are overhead."""
+        self._count += 1
+        return self.namer.fresh(f"{self.base}~{self._count}")
 
     def const(self, values: np.ndarray, suffix: str) -> gs.Constant:
-        return gs.Constant(self.namer.fresh(self.base, suffix), np.ascontiguousarray(values))
+        values = np.ascontiguousarray(values)
+        key = None
+        if values.nbytes <= self.SHARED_BYTES:
+            key = (id(self.graph), values.dtype.str, values.shape, values.tobytes())
+            if key in self.shared:
+                return self.shared[key]
+        c = gs.Constant(self._name(), values)
+        if key is not None:
+            self.shared[key] = c
+        return c
 
     def packed_const(self, packed: np.ndarray, data_type: int, count: int, suffix: str) -> gs.Constant:
         """A constant of a packed sub-byte ONNX type holding ``count`` elements in ``packed`` bytes."""
-        name = self.namer.fresh(self.base, suffix)
+        name = self._name()
         proto = onnx.helper.make_tensor(name, data_type, [count], np.ascontiguousarray(packed, np.uint8).tobytes(),
                                         raw=True)
         return gs.Constant(name, LazyValues(proto))
 
     def op(self, op: str, inputs: list[gs.Tensor], suffix: str, **attrs) -> gs.Variable:
-        out = gs.Variable(self.namer.fresh(self.base, suffix))
-        node = gs.Node(op, name=self.namer.fresh(self.base, f"{suffix}_{op}"), attrs=attrs,
-                       inputs=list(inputs), outputs=[out])
+        out = gs.Variable(self._name())
+        node = gs.Node(op, name="", attrs=attrs, inputs=list(inputs), outputs=[out])
         self.graph.nodes.append(node)
         self.nodes.append(node)
         return out

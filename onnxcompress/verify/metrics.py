@@ -109,6 +109,11 @@ class MetricAccumulator:
             return
         if cand.dtype != ref.dtype:
             self._mismatch = self._mismatch or f"dtype {cand.dtype} differs from the reference {ref.dtype}"
+        if ref.dtype.kind in "OUSV" or cand.dtype.kind in "OUSV":  # strings, bytes, objects: exact match only
+            same = ref.ravel() == cand.ravel()
+            self._count += ref.size
+            self._equal += int(np.count_nonzero(same))
+            return
         r = ref.astype(np.float64).ravel()
         c = cand.astype(np.float64).ravel()
         both_nan = np.isnan(r) & np.isnan(c)
