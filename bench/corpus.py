@@ -354,6 +354,12 @@ def markdown(cases: list[Case], results: dict[tuple[str, str], Outcome], notes: 
         "budget, so compress() refuses to save it (exit 1, nothing written); `FAIL`: a crash, an invalid model or "
         "a lossless mismatch; `skip`: the original model itself does not run in onnxruntime here.",
     ]
+    if "lossless" in names:
+        ll = [o.status for (_, r), o in results.items() if r == "lossless"]
+        good = sum(st in ("ok", "n/a", "declined") for st in ll)
+        lines.append(f"Lossless prefix (all lossless passes): {good} of {len(ll)} models load, pass, save, reload in "
+                     f"stock onnxruntime and match the original within 1e-4 relative; {ll.count('skip')} cannot be "
+                     f"checked here (the original does not run); {ll.count('FAIL')} FAIL.")
     conv = sum(1 for c in cases if c.converted is not None)
     if conv:
         lines.append(f"{conv} opset-6 models were first converted to opset {MIN_OPSET} with "
