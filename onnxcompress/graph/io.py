@@ -667,17 +667,17 @@ def _mkstemp(folder: Path, name: str) -> Path:
 
 
 def _copy_without_payloads(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Deep copy with large raw payloads replaced by empty bytes (restored by the streamer)."""
-    stash = []
-    for t, _ in iter_tensor_protos(model.graph):
-        if t.HasField("raw_data") and len(t.raw_data) > 4096:
-            stash.append((t, t.raw_data))
-            t.raw_data = b""
-    try:
-        return copy.deepcopy(model)
-    finally:
-        for t, raw in stash:
-            t.raw_data = raw
+    """A copy whose large raw payloads are cleared (the streamer writes them from ``model``).
+
+    Copying in C and clearing costs one transient copy of the payloads; the caller's model is never
+    touched (writing its fields back would grow its protobuf arena by another copy).
+    """
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    for t, _ in iter_tensor_protos(work.graph):
+        if t.HasField("raw_data") and t.ByteSize() > 4096:
+            t.ClearField("raw_data")
+    return work
 
 
 def _stream_external(src: onnx.ModelProto, work: onnx.ModelProto, data_file: Path, data_name: str,
