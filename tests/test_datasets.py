@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import pathlib
 import subprocess
@@ -78,9 +79,17 @@ def test_splits_are_deterministic_and_fresh():
     x2, y2 = datasets.digits_split("train")
     assert x2.min() == 0.0  # the caller's edit did not leak into the cache
     np.testing.assert_array_equal(y1, y2)
-    code = "from onnxcompress.datasets import digits_split; print(digits_split('test')[1][:20].tolist())"
+
+
+def test_fresh_process_gives_the_same_split_and_imports_no_torch():
+    code = (
+        "import json, sys, onnxcompress.datasets as d; d.digits_accuracy('mlp');"
+        "print(json.dumps([d.digits_split('test')[1][:20].tolist(), 'torch' in sys.modules]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert json.loads(out) == datasets.digits_split("test")[1][:20].tolist()
+    labels, torch_imported = json.loads(out)
+    assert labels == datasets.digits_split("test")[1][:20].tolist()
+    assert not torch_imported
 
 
 def test_splits_are_disjoint_and_cover_the_data():
@@ -103,12 +112,6 @@ def test_unknown_bundled_model():
         datasets.bundled_model_path("resnet")
 
 
-def test_no_torch_import():
-    code = "import sys, onnxcompress.datasets as d; d.digits_accuracy('mlp'); print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
-
-
 # --- the bundled models ----------------------------------------------------------------------------
 
 
@@ -119,7 +122,9 @@ def test_bundled_model_file(name, manifest):
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
     assert path.stat().st_size < 2_000_000
+    # manifest.json and the README were written by the run that wrote this very file
     assert path.stat().st_size == manifest[name]["bytes"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest[name]["sha256"]
     assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
     assert not [f for f in MODELS_DIR.iterdir() if f.suffix not in (".onnx", ".md", ".json")]
     opset = {o.domain: o.version for o in model.opset_import}
