@@ -19,7 +19,7 @@ from typing import Any
 import onnx
 
 from onnxcompress.context import Context
-from onnxcompress.errors import ParityError, RecipeError
+from onnxcompress.errors import CalibrationError, ParityError, RecipeError
 from onnxcompress.graph.io import ModelLike, ModelSource, graph_to_model, model_to_graph, open_model, save
 from onnxcompress.passes.base import Pipeline
 from onnxcompress.recipe import Recipe
@@ -196,8 +196,14 @@ def _verify(src: ModelSource, out: onnx.ModelProto, recipe: Recipe, ctx: Context
     feeds = None
     source = ctx.feeds(src.model)
     if source is not None:
-        feeds = [f for _, f in zip(range(2), source)] or None
-        if feeds is None:  # a one-shot reader or generator was used up by calibration
+        try:
+            feeds = [f for _, f in zip(range(2), source)] or None
+        except CalibrationError:
+            feeds = None  # a one-shot reader or generator was used up by calibration
+        if feeds is None and not getattr(source, "_one_shot", False):
+            raise CalibrationError("the calibration data holds no feeds", where="verify",
+                                   hint="check that the --calib-data file has samples stacked on the first axis")
+        if feeds is None:
             ctx.note("verification used seeded random inputs: the calibration data source could not be "
                      "read a second time (pass an .npz, a folder or a list to verify on real data)")
     return compare_models(src.model, out, feeds=feeds, providers=v.providers, tolerance=tol, seed=recipe.seed,

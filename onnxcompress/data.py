@@ -343,6 +343,10 @@ def parse_shape_args(args: Iterable[str]) -> dict[str, tuple[int, ...]]:
 # --------------------------------------------------------------------------------------------- random
 
 
+#: a random verification feed larger than this (elements per input) is refused as absurd
+MAX_RANDOM_ELEMENTS = 2**28
+
+
 def random_feeds(
     model: onnx.ModelProto | str | os.PathLike | bytes,
     *,
@@ -360,6 +364,12 @@ def random_feeds(
     feed = {}
     for spec in specs:
         shape = concrete[spec.name]
+        elements = int(np.prod(shape, dtype=np.float64))
+        if elements > MAX_RANDOM_ELEMENTS:
+            raise ModelError(
+                f"input {spec.name!r} declares shape {tuple(shape)} ({elements:.3g} elements); a random feed that "
+                "large cannot be built", where="random feeds",
+                hint=f"give a realistic shape with --shape {spec.name}:1x..., or verification data with --inputs/--calib-data")
         if "mask" in spec.name.lower():
             value = np.ones(shape, dtype=spec.dtype)
         elif spec.is_float:
