@@ -233,6 +233,8 @@ class PruneChannelsPass(Pass):
             ctx.note(f"prune_channels: {len(fallback)} group(s) have no BatchNormalization (folded by an earlier "
                      "pass such as fuse?), so they were scored by l1 instead of bn")
         after = _graph_cost(graph, ctx.original.model if ctx.original is not None else None) if plan else before
+        log.info("prune_channels: %d group(s) pruned; params %d -> %d, FLOPs %d -> %d", len(plan), before["params"],
+                 after["params"], before["flops"], after["flops"])
         res.details = {
             "ratio": cfg.ratio, "importance": method, "round_to": cfg.round_to,
             "groups": plan,

@@ -55,7 +55,6 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.graph.naming import Namer
 from onnxcompress.graph.query import const_value, consumers, producer
-from onnxcompress.graph.rewrite import replace_input
 
 __all__ = [
     "Space",
