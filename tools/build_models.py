@@ -336,6 +336,9 @@ algorithms; about a minute of CPU time in all, most of it the transformer):
 python tools/build_models.py --out models/
 ```
 
+in an environment of its own with `pip install torch=={torch_pin} onnx onnxscript onnxruntime scikit-learn
+numpy` (the package and its tests never import PyTorch).
+
 The script trains, exports with PyTorch's default (dynamo) exporter, checks each file with
 `onnx.checker` (full check) and onnxruntime, and writes this README and `manifest.json` (the same
 numbers, machine readable; `tests/test_datasets.py` reads it). Every number below was measured by
@@ -372,17 +375,20 @@ def readme(records: dict[str, dict]) -> str:
     text = README_HEAD.format(
         opset=first["opset"],
         torch_version=torch.__version__,
+        torch_pin=torch.__version__.split("+")[0],
         ort_version=onnxruntime.__version__,
         onnxscript_version=onnxscript.__version__,
     )
     for name, rec in records.items():
         ops = "\n".join(f"| {op} | {count} |" for op, count in rec["op_histogram"].items())
+        n_test = len(datasets.digits_split("test")[1])
+        correct = f"{round(rec['test_accuracy'] * n_test)}/{n_test}"
         text += f"""
 ## `{name}.onnx`
 
 - input: {rec['input']}
 - output: {rec['output']}
-- test accuracy: **{rec['test_accuracy']:.4f}** ({round(rec['test_accuracy'] * 450)}/450; target {rec['target_accuracy']:.2f})
+- test accuracy: **{rec['test_accuracy']:.4f}** ({correct}; target {rec['target_accuracy']:.2f})
 - size: {rec['bytes']:,} bytes
 - architecture: {rec['architecture']}
 - training: {rec['training']}
