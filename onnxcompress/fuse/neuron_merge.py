@@ -10,7 +10,11 @@ groups of :mod:`onnxcompress.prune.dependency`).
 
 1. Describe neuron ``j`` by ``u_j = [w_j, b_j, every per-channel parameter of its chain]``.
 2. Cluster the ``u_j`` with k-means (scikit-learn, fixed seed; exact duplicates are collapsed
-   first, so identical neurons always land in one cluster), ``k = n - floor(R · n)``.
+   first, so identical neurons always land in one cluster), ``k = n - floor(R · n)``. Neurons with
+   more than 256 features are clustered on a seeded Gaussian random projection to 256 dimensions
+   (Johnson–Lindenstrauss: distances kept up to a small factor), which keeps AlexNet-sized layers fast.
+   When a layer has fewer distinct neurons than ``k``, only identical ones are merged — all of them,
+   which can remove more than ``R`` (exactly, so it costs nothing).
 3. In each cluster ``C`` keep the member ``r`` nearest to the centroid and fold the others into it::
 
        V'[:, r] = Σ_{j ∈ C} α_j V[:, j]          then remove the neurons j ≠ r (structured pruning)
@@ -46,6 +50,9 @@ from onnxcompress.prune.dependency import Group, Param, ParamWriter, apply_keep,
 from onnxcompress.recipe import StepConfig, option
 
 __all__ = ["MergeNeuronsConfig", "MergeNeuronsPass", "cluster_neurons", "merge_check"]
+
+#: k-means runs on a random projection to this many dimensions for wider neurons
+_MAX_DIMS = 256
 
 _HOMOGENEOUS = {"Relu", "LeakyRelu", "Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool",
                 "GlobalMaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"}
@@ -139,7 +146,11 @@ def cluster_neurons(features: np.ndarray, k: int, *, seed: int, by_direction: bo
         labels = inverse
         centers = uniq
     else:
-        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(uniq, sample_weight=counts)
+        if x.shape[1] > _MAX_DIMS:  # wide layers: cluster a seeded random projection (distances kept ~)
+            proj = np.random.default_rng(seed).standard_normal((x.shape[1], _MAX_DIMS)) / np.sqrt(_MAX_DIMS)
+            x, uniq = x @ proj, uniq @ proj
+        km = KMeans(n_clusters=k, n_init=4 if len(uniq) <= 1024 else 1, random_state=seed)
+        km.fit(uniq, sample_weight=counts)
         labels = km.labels_[inverse]
         centers = km.cluster_centers_
     clusters = []
