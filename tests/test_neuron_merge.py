@@ -139,3 +139,12 @@ def test_identical_filters_merge_exactly_through_flatten_into_a_linear_layer():
     assert init_shapes(out)[out.graph.node[-1].input[1]] == (5, 4 * 16)
     f = feeds_for(m)
     assert lossless_close(run(m, f)[0], run(out, f)[0])
+
+
+def test_wide_neurons_cluster_on_a_projection_and_still_pair_near_copies():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 600))  # wider than the 256-dimension projection
+    x[30:] = x[:10] + 1e-3 * rng.standard_normal((10, 600))
+    clusters = cluster_neurons(x, 30, seed=0, by_direction=False)
+    pairs = sorted(m for _, m in clusters if len(m) > 1)
+    assert pairs == [[i, i + 30] for i in range(10)]
