@@ -127,7 +127,8 @@ def test_bundled_model_file(name, manifest):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest[name]["sha256"]
     assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
     known = (".onnx", ".md", ".json")
-    sidecars = [f for f in MODELS_DIR.iterdir() if f.suffix not in known and f.name != ".gitattributes"]
+    sidecars = [f for f in MODELS_DIR.iterdir()
+                if f.suffix not in known and f.name != ".gitattributes" and not f.name.endswith(".calib.npz")]
     assert not sidecars  # no external data files next to the models
     opset = {o.domain: o.version for o in model.opset_import}
     assert opset.get("", opset.get("ai.onnx")) >= 17
@@ -311,3 +312,12 @@ def test_calibration_npz_rejects_bad_n(tmp_path):
     for n in (0, -3, 2.5):
         with pytest.raises(ValueError, match="positive integer"):
             datasets.calibration_npz(tmp_path / "c.npz", "mlp", n=n)
+
+
+@pytest.mark.parametrize("name", datasets.BUNDLED_MODELS)
+def test_bundled_calibration_file_is_the_calib_split(name):
+    data = np.load(MODELS_DIR / f"{name}.calib.npz")
+    (key,) = data.files
+    assert key == INPUTS[name]
+    expected = datasets.digits_feeds(name, "calib")[key]
+    np.testing.assert_array_equal(data[key], expected)

@@ -344,8 +344,10 @@ The script trains, exports with PyTorch's default (dynamo) exporter, checks each
 numbers, machine readable; `tests/test_datasets.py` reads it). Every number below was measured by
 that script: accuracy with `onnxcompress.datasets.digits_accuracy` (onnxruntime {ort_version},
 CPUExecutionProvider), size with `stat`. Inputs for any of them come from
-`onnxcompress.datasets.digits_feeds(name, split)`, and a calibration file for `--calib-data` from
-`onnxcompress.datasets.calibration_npz("calib.npz", name, n=256)`.
+`onnxcompress.datasets.digits_feeds(name, split)`. `<name>.calib.npz` beside each model holds the
+256-sample calibration split keyed by the model's input name (samples stacked on axis 0), written by
+`onnxcompress.datasets.calibration_npz(path, name, n=256)`: the file the README's `--calib-data`
+commands use. The test split is never used for calibration.
 
 Exporter notes (torch {torch_version}, onnxscript {onnxscript_version}):
 
@@ -440,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / f"{spec.name}.onnx"
         export(spec, model, path)
         record = check(spec, path)
+        datasets.calibration_npz(args.out / f"{spec.name}.calib.npz", path, n=256)
         record["architecture"] = ARCHITECTURE[spec.name]
         record["training"] = training_summary(spec, args.seed)
         records[spec.name] = record
