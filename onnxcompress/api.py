@@ -11,8 +11,9 @@ unless told to.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ class CompressResult:
     base_dir: Path | None = None
     source_path: Path | None = None
     external_data: bool | None = None
+    _spill: Any = field(default=None, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -116,6 +118,11 @@ def compress(
     ctx = context if context is not None else Context(data=data, seed=recipe.seed, progress=progress,
                                                       providers=recipe.verify.providers, source=source)
     ctx.original = src
+    spill_dir = None
+    if src.has_external_data and ctx.spill_dir is None:
+        # a large model: new weights go to a private folder between passes instead of staying in memory
+        spill_dir = tempfile.TemporaryDirectory(prefix="onnxcompress-spill-")
+        ctx.spill_dir = Path(spill_dir.name)
     report = Report(recipe=recipe.to_dict(), seed=recipe.seed)
     try:
         report.input = ModelStats.of_model(src.model, src.base_dir)
@@ -135,7 +142,9 @@ def compress(
         if context is None:
             ctx.close()
     report.seconds = time.perf_counter() - t0
-    return CompressResult(out, report, parity, src.base_dir, src.path, recipe.output.external_data)
+    result = CompressResult(out, report, parity, src.base_dir, src.path, recipe.output.external_data)
+    result._spill = spill_dir  # spilled weights live as long as the result
+    return result
 
 
 def plan_of(report: Report) -> dict[str, Any]:

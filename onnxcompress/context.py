@@ -43,6 +43,9 @@ class Context:
     #: the original model, set by compress(): the teacher for repair, the reference for verify
     original: ModelSource | None = None
     notes: list[str] = field(default_factory=list)
+    #: where large new weights are spilled between passes (None: keep them in memory); see graph.io.spill
+    spill_dir: Path | None = None
+    spill_bytes: int = 1 << 20
     _scratch: Path | None = field(default=None, repr=False)
 
     # -- models ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from onnxcompress.graph.io import _external_info, _is_external, _tensor_nbytes, iter_tensor_protos
+from onnxcompress.graph.io import _external_info, _is_external, _tensor_nbytes, external_path, iter_tensor_protos
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx_graphsurgeon as gs
@@ -102,10 +102,10 @@ class ModelStats:
 def _float_payload(t: onnx.TensorProto, base_dir) -> np.ndarray | None:
     dtype = _FLOAT_TYPES[t.data_type]
     if _is_external(t):
-        if base_dir is None:
+        if base_dir is None and "basepath" not in {e.key for e in t.external_data}:
             return None
         info = _external_info(t)
-        path = Path(base_dir) / info["location"]
+        path = external_path(t, base_dir)
         try:
             return np.fromfile(path, dtype=dtype, count=int(info.get("length", 0)) // np.dtype(dtype).itemsize,
                                offset=int(info.get("offset", 0) or 0))

@@ -50,12 +50,17 @@ __all__ = [
     "check_external_data",
     "PROTOBUF_LIMIT",
     "write_text_atomic",
+    "spill",
+    "external_path",
+    "SPILL_KEY",
 ]
 
 ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
 #: Protobuf refuses to serialize a message of 2 GiB or more; keep a margin for the graph itself.
 PROTOBUF_LIMIT = 2**31 - 64 * 2**20
+#: external-data key marking a tensor spilled to onnxcompress's own scratch folder (see :func:`spill`)
+SPILL_KEY = "basepath"
 _ALIGN = 4096
 
 
@@ -179,6 +184,9 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path | None) -> None:
         if not loc:
             raise ModelError("external data reference has no location", where=where,
                              hint="the model file is corrupt; re-export it")
+        if SPILL_KEY in info:
+            raise ModelError(f"external data reference carries a {SPILL_KEY!r} entry, which could point anywhere",
+                             where=where, hint="store the data next to the model with a relative location only")
         if root is None:
             raise ModelError(f"tensor refers to external data file {loc!r} but the model was not given as a path",
                              where=where, hint="load the model from its .onnx path so its data file can be found")
@@ -414,11 +422,58 @@ def load(source: ModelLike, *, load_external_data: bool = True) -> onnx.ModelPro
     return src.model
 
 
+def external_path(t: onnx.TensorProto, base_dir: str | os.PathLike | None) -> Path:
+    """The file holding an external tensor: ``base_dir/location``, or for a tensor onnxcompress
+    spilled to its own scratch folder, that folder (``SPILL_KEY``; never accepted from an input)."""
+    info = _external_info(t)
+    root = info.get(SPILL_KEY) or base_dir
+    return Path(root) / info["location"]
+
+
+def spill(graph: gs.Graph, folder: Path, min_bytes: int) -> int:
+    """Move large in-memory constants to files in ``folder``; return the bytes moved.
+
+    After a pass computed new weights (int8 codes, pruned or shared values), they would stay in
+    memory until the model is saved, so a multi-gigabyte model would be held whole. Spilled
+    constants become :class:`ExternalValues` on one file each in ``folder`` (a private temporary
+    folder), marked with ``SPILL_KEY`` so :func:`save` copies them into the output's data file
+    tensor by tensor. Values with dtypes the ONNX file cannot take as they are in numpy are left.
+    """
+    moved = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    for g in _all_graphs(graph):
+        for t in list(g.tensors().values()):
+            v = getattr(t, "_values", None)
+            if not isinstance(t, gs.Constant) or not isinstance(v, np.ndarray) or v.nbytes < min_bytes:
+                continue
+            if getattr(t, "export_dtype", None) not in (None, v.dtype) or v.dtype.kind not in "fiub":
+                continue
+            try:
+                dtype = onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
+            except (KeyError, ValueError, TypeError):
+                continue
+            fd, path = tempfile.mkstemp(prefix="w", suffix=".bin", dir=folder)
+            with os.fdopen(fd, "wb") as f:
+                f.write(np.ascontiguousarray(v).tobytes())
+            proto = onnx.TensorProto()
+            proto.name = t.name
+            proto.data_type = dtype
+            proto.dims.extend(v.shape)
+            proto.data_location = onnx.TensorProto.EXTERNAL
+            for k, val in (("location", Path(path).name), ("offset", "0"), ("length", str(v.nbytes)),
+                           (SPILL_KEY, str(folder))):
+                e = proto.external_data.add()
+                e.key, e.value = k, val
+            t._values = ExternalValues(proto, folder)
+            moved += v.nbytes
+    return moved
+
+
 def _read_external(t: onnx.TensorProto, base_dir: Path | None) -> bytes:
     info = _external_info(t)
     offset = int(info.get("offset", 0) or 0)
     length = int(info["length"]) if "length" in info else _expected_nbytes(t)
-    with open(Path(base_dir) / info["location"], "rb") as f:
+    with open(external_path(t, base_dir), "rb") as f:
         f.seek(offset)
         data = f.read(length)
     if len(data) != length:

@@ -115,6 +115,10 @@ class Pipeline:
                     raise TypeError("run() returned None instead of a PassResult")
                 if result.modified:
                     cleanup_graph(graph)
+                    if ctx.spill_dir is not None:
+                        from onnxcompress.graph.io import spill
+
+                        spill(graph, ctx.spill_dir, ctx.spill_bytes)
             except OnnxCompressError as e:
                 raise e.with_where(f"pass {p.name}")
             except Exception as e:

@@ -181,7 +181,9 @@ def make_session(
             where=where,
             hint="pass base_dir= (the folder of the .onnx file), or load it with load_external_data=True",
         )
-    if model.ByteSize() <= _TWO_GB:
+    spilled = external and any(e.key == "basepath" for t in external_data_helper._get_all_tensors(model)
+                                for e in t.external_data)
+    if model.ByteSize() <= _TWO_GB and not spilled:
         if external:
             options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(base_dir).resolve()))
         try:
@@ -212,15 +214,13 @@ def _via_temporary_folder(
     *,
     where: str,
 ) -> ort.InferenceSession:
-    """Save ``model`` (its external data read from ``base_dir``) to a temporary folder; load the path."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    if base_dir is not None:
-        external_data_helper.load_external_data_for_model(copy, str(base_dir))
+    """Save ``model`` (its external data read from ``base_dir``, tensor by tensor) to a temporary
+    folder with one external data file; load the path."""
+    from onnxcompress.graph.io import save as save_model
+
     with tempfile.TemporaryDirectory(prefix="onnxcompress-session-") as folder:
         path = os.path.join(folder, "model.onnx")
-        onnx.save(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
-        del copy
+        save_model(model, path, base_dir=base_dir, external_data=True)
         return _create(path, options, providers, where=where)
 
 
