@@ -38,6 +38,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from _docs import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:
@@ -404,12 +406,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_docs(text: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (between its markers) with ``text``."""
-    doc = ROOT / "docs" / "benchmarks.md"
-    s = doc.read_text()
-    start, end = f"<!-- section: {SECTION} -->", f"<!-- end: {SECTION} -->"
-    i, j = s.index(start) + len(start), s.index(end)
-    doc.write_text(s[:i] + "\n## Fusion: weight sharing, low rank, lossless merges\n\n" + text + s[j:])
+    write_section(SECTION, text, heading='Fusion: weight sharing, low rank, lossless merges')
 
 
 if __name__ == "__main__":

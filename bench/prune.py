@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _docs import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -231,11 +233,7 @@ def render(rows: list[dict], command: str) -> str:
 
 
 def write_docs(text: str) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    s = doc.read_text(encoding="utf-8")
-    start, end = f"<!-- section: {SECTION} -->", f"<!-- end: {SECTION} -->"
-    i, j = s.index(start) + len(start), s.index(end)
-    doc.write_text(s[:i] + "\n" + text + s[j:], encoding="utf-8")
+    write_section(SECTION, text)
 
 
 def main(argv=None) -> int:

@@ -40,6 +40,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from _docs import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -267,11 +269,7 @@ def render(rows: list[dict], command: str, batch: int, notes: list[str]) -> str:
 
 
 def write_docs(text: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    doc = path.read_text(encoding="utf-8")
-    start, end = f"<!-- section: {SECTION} -->", f"<!-- end: {SECTION} -->"
-    i, j = doc.index(start) + len(start), doc.index(end)
-    path.write_text(doc[:i] + "\n" + text + doc[j:], encoding="utf-8")
+    write_section(SECTION, text)
 
 
 def main(argv=None) -> int:

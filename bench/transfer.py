@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from _docs import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
@@ -331,11 +333,7 @@ def render(repair: list[dict], transplants: list[dict], dc: list[dict], command:
 
 
 def write_docs(text: str) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    s = doc.read_text(encoding="utf-8")
-    start, end = f"<!-- section: {SECTION} -->", f"<!-- end: {SECTION} -->"
-    i, j = s.index(start) + len(start), s.index(end)
-    doc.write_text(s[:i] + "\n" + text + s[j:], encoding="utf-8")
+    write_section(SECTION, text)
 
 
 def main(argv=None) -> int:
