@@ -48,6 +48,7 @@ output, too small (``min_elements``) or excluded by name stays float (a Skip wit
 from __future__ import annotations
 
 import fnmatch
+from typing import Callable
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -263,13 +264,26 @@ class QuantizeInt4Config(StepConfig):
 
 @dataclass
 class _Target:
-    """One MatMul/Gemm whose weight W[K, N] (MatMul orientation) gets quantized."""
+    """One MatMul/Gemm whose weight W[K, N] (MatMul orientation) gets quantized.
+
+    The weight is read when first needed and let go by :meth:`release`, so a pass over a model in
+    external data holds one layer's floats at a time, not the whole model."""
 
     node: gs.Node
     graph: gs.Graph
-    w: np.ndarray          # [K, N] float (alpha folded)
+    load: Callable[[], np.ndarray]  # -> [K, N] float (alpha folded)
     bias: np.ndarray | None  # [N] float (beta·C) for Gemm
     weight: gs.Tensor
+    _w: np.ndarray | None = None
+
+    @property
+    def w(self) -> np.ndarray:
+        if self._w is None:
+            self._w = self.load()
+        return self._w
+
+    def release(self) -> None:
+        self._w = None
 
 
 def _check_target(node: gs.Node, graph: gs.Graph, cfg: QuantizeInt4Config) -> tuple[_Target | None, str]:
@@ -296,24 +310,31 @@ def _check_target(node: gs.Node, graph: gs.Graph, cfg: QuantizeInt4Config) -> tu
         return None, f"activation dtype {np.dtype(a.dtype)} is not float32"
     if a.shape is not None and len(a.shape) < 2:
         return None, "activation is 1-D"
-    w = np.asarray(ref.values, dtype=np.float32)
+    trans, alpha = False, np.float32(1.0)
+    n_out = ref.shape[1]
     bias = None
     if node.op == "Gemm":
         at = node.attrs
         if int(at.get("transA", 0)):
             return None, "Gemm with transA=1"
-        if int(at.get("transB", 0)):
-            w = w.T
-        w = w * np.float32(at.get("alpha", 1.0))
+        trans = bool(int(at.get("transB", 0)))
+        n_out = ref.shape[0] if trans else ref.shape[1]
+        alpha = np.float32(at.get("alpha", 1.0))
         if len(node.inputs) > 2 and node.inputs[2].name:
             c = const_value(node.inputs[2])
             if c is None:
                 return None, "Gemm bias C is not a constant"
             c = np.asarray(c, np.float32) * np.float32(at.get("beta", 1.0))
-            if c.size not in (1, w.shape[1]) or (c.ndim == 2 and c.shape[0] != 1):
+            if c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
                 return None, f"Gemm bias C of shape {list(c.shape)} is not a vector over N"
-            bias = np.broadcast_to(c.reshape(-1), (w.shape[1],)).astype(np.float32).copy()
-    return _Target(node, graph, np.ascontiguousarray(w), bias, b), ""
+            bias = np.broadcast_to(c.reshape(-1), (n_out,)).astype(np.float32).copy()
+
+    def load() -> np.ndarray:
+        w = np.asarray(ref.values, dtype=np.float32)
+        w = w.T if trans else w
+        return np.ascontiguousarray(w * alpha if alpha != 1 else w)
+
+    return _Target(node, graph, load, bias, b), ""
 
 
 _LAYER_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits", "MatMulInteger")
@@ -438,6 +459,7 @@ class QuantizeInt4Pass(Pass):
             if first is not None:
                 entry["shared_with"] = first[2]
             layers.append(entry)
+            t.release()
             res.changed(f"{node_name}: {t.node.op} {entry['K']}x{entry['N']} -> int4 {cfg.format} "
                         f"(block {cfg.block_size}, {used}, rel. error {err:.4f})")
         res.details = {"format": cfg.format, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level,
