@@ -91,22 +91,17 @@ def big_model(tmp_path_factory):
 #: peak RSS must stay below this fraction of the model's bytes
 FAR_BELOW = 0.5
 
-#: measured 2026-11-28 with `python bench/io.py --scale` (docs/benchmarks.md, io section); strict, so a fix
-#: shows up as XPASS and the marker goes
-INT8_RSS = ("peak RSS 4.60 GiB = 1.53x the model with the lossless prefix, 3.93 GiB = 1.31x with --no-lossless. "
-            "2-layer probe: the storage pass keeps every int8 code array in the graph, graph_to_model "
-            "(graphsurgeon's export) copies them into the proto, io.save's payload stash copies them again; "
-            "the lossless 'fuse' pass concatenates Q/K/V weights in memory (owners: quantize, fuse, graph/io)")
-INT4_RSS = ("peak RSS 2.99 GiB = 1.00x the model, with or without the lossless prefix (not profiled yet; "
-            "owners: quantize/int4, graph/io)")
+#: measured 2026-11-28 with `python bench/io.py --scale` (docs/benchmarks.md, io section): peak RSS
+#: 1.08 GiB (0.36x) for --storage int8 and 1.41-1.46 GiB (0.47-0.49x) for --int4 on a 3.00 GiB model, once
+#: new weights are spilled between passes and int4 reads one layer at a time.
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("label", [
-    pytest.param("weight-only int8 (--storage int8)", marks=pytest.mark.xfail(strict=True, reason=INT8_RSS)),
-    pytest.param("weight-only int8, --no-lossless", marks=pytest.mark.xfail(strict=True, reason=INT8_RSS)),
-    pytest.param("--int4 --int4-method rtn", marks=pytest.mark.xfail(strict=True, reason=INT4_RSS)),
-    pytest.param("--int4 --int4-method rtn, --no-lossless", marks=pytest.mark.xfail(strict=True, reason=INT4_RSS)),
+    "weight-only int8 (--storage int8)",
+    "weight-only int8, --no-lossless",
+    "--int4 --int4-method rtn",
+    "--int4 --int4-method rtn, --no-lossless",
 ])
 def test_big_model_streams(big_model, tmp_path, label, capsys):
     model, nbytes = big_model

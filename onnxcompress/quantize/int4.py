@@ -348,8 +348,9 @@ def _weight_elements(node: gs.Node) -> int:
 
 def output_layers(graph: gs.Graph, max_share: float = 1.0) -> set[int]:
     """ids of the MatMul/Gemm nodes from which an output of their (sub)graph is reached without
-    passing another layer (MatMul, Gemm, Conv ...) — the output layers — that hold at most
-    ``max_share`` of the weight elements of all layers."""
+    passing another layer (MatMul, Gemm, Conv ...) — and whose output feeds no other layer at all (a
+    residual stream reaches the graph output from every block; those blocks are not output layers) —
+    that hold at most ``max_share`` of the weight elements of all layers."""
     total = sum(_weight_elements(n) for n, _ in iter_nodes(graph) if n.op in _LAYER_OPS)
     found: set[int] = set()
     for g in iter_graphs(graph):
@@ -362,11 +363,28 @@ def output_layers(graph: gs.Graph, max_share: float = 1.0) -> set[int]:
                     continue
                 seen.add(id(p))
                 if p.op in _LAYER_OPS:
-                    if p.op in ("MatMul", "Gemm") and _weight_elements(p) <= max_share * total:
+                    if p.op in ("MatMul", "Gemm") and _weight_elements(p) <= max_share * total \
+                            and not _feeds_a_layer(p):
                         found.add(id(p))
                     continue
                 stack.extend(x for x in p.inputs if not isinstance(x, gs.Constant))
     return found
+
+
+def _feeds_a_layer(node: gs.Node) -> bool:
+    """True when some path from ``node``'s outputs reaches another layer."""
+    seen: set[int] = set()
+    stack = list(node.outputs)
+    while stack:
+        t = stack.pop()
+        for c in t.outputs:
+            if id(c) in seen:
+                continue
+            seen.add(id(c))
+            if c.op in _LAYER_OPS:
+                return True
+            stack.extend(c.outputs)
+    return False
 
 
 def _orientation(node: gs.Node) -> str:
