@@ -462,6 +462,7 @@ class QuantizeInt4Pass(Pass):
         for t in targets:
             node_name = t.node.name or t.node.op
             first = done.get(id(t.weight))
+            readers = len(t.weight.outputs)  # before emit() rewires this node away from the weight
             if first is None:
                 bq, used = self._quantize(t, method, stats)
             else:
@@ -469,7 +470,7 @@ class QuantizeInt4Pass(Pass):
             err = float(np.linalg.norm(bq.dequant().T - t.w) / max(float(np.linalg.norm(t.w)), 1e-30))
             emit = self._emit_nbits if cfg.format == "matmulnbits" else self._emit_qdq
             consts = emit(t, bq, namer, cfg, first[1] if first is not None else None)
-            if first is None:
+            if first is None and readers > 1:  # keep the codes only while other readers need them
                 done[id(t.weight)] = (bq, consts, node_name)
             entry = {"node": node_name, "op": t.node.op, "weight": t.weight.name, "K": int(t.w.shape[0]),
                      "N": int(t.w.shape[1]), "block_size": cfg.block_size, "method": used, "format": cfg.format,
