@@ -26,7 +26,7 @@ def test_report_is_complete_and_json_safe():
     d = json.loads(res.report.to_json())
     assert d["input"]["params"] > 0 and d["output"]["params"] > 0
     assert set(d["versions"]) == {"onnxcompress", "onnx", "onnxruntime"}
-    assert [s["name"] for s in d["steps"]][:3] == ["cleanup", "dedupe_initializers", "fold_constants"]
+    assert [s["name"] for s in d["steps"]][:4] == ["cleanup", "fold_constants", "fuse", "dedupe_initializers"]
     assert d["recipe"]["steps"][0]["pass"] == "cleanup"
     assert d["parity"]["passed"] is True
     assert "size" in res.report.summary()
@@ -42,7 +42,7 @@ def test_metadata_and_names_are_preserved():
     props = {p.key: p.value for p in out.metadata_props}
     plan = json.loads(props.pop("onnxcompress.plan"))
     assert props == {"author": "tests", "license": "MIT"}
-    assert [s["pass"] for s in plan["steps"]][:3] == ["cleanup", "dedupe_initializers", "fold_constants"]
+    assert [s["pass"] for s in plan["steps"]][:4] == ["cleanup", "fold_constants", "fuse", "dedupe_initializers"]
     assert oc.compress(m, {"output": {"embed_plan": False}}).model.metadata_props[-1].key == "license"
     assert out.doc_string == "a tiny mlp" and out.graph.doc_string == "graph doc"
     assert out.producer_name == "tests"

@@ -151,3 +151,27 @@ def test_lossless_passes_inside_if_subgraph():
     feeds = {"x": np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)}
     out, _ = _apply(m, CleanupPass(), DedupeInitializersPass(), FoldConstantsPass())
     assert b.lossless_close(b.run(m, feeds)[0], b.run(out, feeds)[0])
+
+
+def test_lossless_prefix_folds_bn_even_when_biases_are_identical():
+    """Two Conv+BN branches with the same (zero) conv bias: deduplication runs after the merges, so
+    both BatchNormalizations still fold."""
+    import onnxcompress as oc
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(np.zeros(4, np.float32), "b1"), numpy_helper.from_array(np.zeros(4, np.float32), "b2")]
+    nodes = []
+    for i in (1, 2):
+        inits += [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), f"w{i}")]
+        inits += [numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), f"{k}{i}") for k in ("s", "v")]
+        inits += [numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), f"{k}{i}") for k in ("t", "m")]
+        nodes += [helper.make_node("Conv", ["x", f"w{i}", f"b{i}"], [f"c{i}"]),
+                  helper.make_node("BatchNormalization", [f"c{i}", f"s{i}", f"t{i}", f"m{i}", f"v{i}"], [f"n{i}"])]
+    nodes.append(helper.make_node("Add", ["n1", "n2"], ["y"]))
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    res = oc.compress(m)
+    assert res.parity.passed
+    assert [n.op_type for n in res.model.graph.node].count("BatchNormalization") == 0

@@ -18,7 +18,7 @@ def _from_cli(argv):
 
 def test_default_recipe_is_lossless_and_round_trips():
     r = default_recipe()
-    assert [s.name for s in r.steps][:3] == ["cleanup", "dedupe_initializers", "fold_constants"]
+    assert [s.name for s in r.steps][:4] == ["cleanup", "fold_constants", "fuse", "dedupe_initializers"]
     again = Recipe.from_dict(json.loads(r.to_json()))
     assert again == r
 

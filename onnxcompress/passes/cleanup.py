@@ -128,7 +128,7 @@ def _count(graph: gs.Graph) -> tuple[int, int]:
 @dataclass(frozen=True)
 class DedupeConfig(StepConfig):
     name = "dedupe_initializers"
-    order = 1
+    order = 4  # after fold_constants (2) and fuse (3)
     flag = "--dedupe"
     flag_help = "merge initializers with identical contents"
 
