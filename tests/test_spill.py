@@ -59,3 +59,17 @@ def test_an_input_cannot_use_the_spill_key(tmp_path):
     onnx.save(m, str(src))
     with pytest.raises(ModelError, match="could point anywhere"):
         open_model(src)
+
+
+def test_packed_int4_blocks_are_spilled_too(tmp_path):
+    m = b.mlp(sizes=(256, 512, 10))
+    src = _external(tmp_path, m)
+    with oc.Context(spill_bytes=4096) as ctx:
+        res = oc.compress(src, Recipe.from_cli(["--int4", "--int4-method", "rtn"]), context=ctx)
+    nbits = [n for n in res.model.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and res.parity.passed
+    packed = {t.name: t for t in res.model.graph.initializer}[nbits[0].input[1]]
+    assert any(e.key == SPILL_KEY for e in packed.external_data)
+    out = res.save(tmp_path / "out.onnx")
+    x = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
+    assert b.run(str(out), {"x": x})[0].shape == (4, 10)

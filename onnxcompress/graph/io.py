@@ -444,6 +444,11 @@ def spill(graph: gs.Graph, folder: Path, min_bytes: int) -> int:
     for g in _all_graphs(graph):
         for t in list(g.tensors().values()):
             v = getattr(t, "_values", None)
+            if isinstance(t, gs.Constant) and type(v) is LazyValues and not _is_external(v.tensor) \
+                    and len(v.tensor.raw_data) >= min_bytes:
+                # a packed tensor a pass built as a TensorProto (int4 codes, MatMulNBits blocks)
+                moved += _spill_proto(t, v.tensor, folder)
+                continue
             if not isinstance(t, gs.Constant) or not isinstance(v, np.ndarray) or v.nbytes < min_bytes:
                 continue
             if getattr(t, "export_dtype", None) not in (None, v.dtype) or v.dtype.kind not in "fiub":
@@ -467,6 +472,24 @@ def spill(graph: gs.Graph, folder: Path, min_bytes: int) -> int:
             t._values = ExternalValues(proto, folder)
             moved += v.nbytes
     return moved
+
+
+def _spill_proto(t: gs.Constant, tensor: onnx.TensorProto, folder: Path) -> int:
+    """Move an in-memory TensorProto's raw bytes to a file in ``folder`` (see :func:`spill`)."""
+    fd, path = tempfile.mkstemp(prefix="w", suffix=".bin", dir=folder)
+    with os.fdopen(fd, "wb") as f:
+        f.write(tensor.raw_data)
+    proto = onnx.TensorProto()
+    proto.name = tensor.name or t.name
+    proto.data_type = tensor.data_type
+    proto.dims.extend(tensor.dims)
+    proto.data_location = onnx.TensorProto.EXTERNAL
+    for k, val in (("location", Path(path).name), ("offset", "0"), ("length", str(len(tensor.raw_data))),
+                   (SPILL_KEY, str(folder))):
+        e = proto.external_data.add()
+        e.key, e.value = k, val
+    t._values = ExternalValues(proto, folder)
+    return len(tensor.raw_data)
 
 
 def _read_external(t: onnx.TensorProto, base_dir: Path | None) -> bytes:
