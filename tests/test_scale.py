@@ -92,8 +92,8 @@ def big_model(tmp_path_factory):
 FAR_BELOW = 0.5
 
 #: measured 2026-11-28 with `python bench/io.py --scale` (docs/benchmarks.md, io section): peak RSS
-#: 1.08 GiB (0.36x) for --storage int8 and 1.41-1.46 GiB (0.47-0.49x) for --int4 on a 3.00 GiB model, once
-#: new weights are spilled between passes and int4 reads one layer at a time.
+#: 1.07-1.08 GiB (0.36x) for --storage int8 and 1.03-1.05 GiB (0.34-0.35x) for --int4 on a 3.00 GiB model,
+#: once new weights are spilled between passes and int4 reads one layer at a time.
 
 
 @pytest.mark.slow
