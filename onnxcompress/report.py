@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from onnxcompress.graph.io import _external_info, _is_external, _tensor_nbytes, external_path, iter_tensor_protos
+from onnxcompress.graph.io import (
+    _external_info,
+    _is_external,
+    _tensor_nbytes,
+    external_path,
+    iter_graph_protos,
+    iter_tensor_protos,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx_graphsurgeon as gs
@@ -42,15 +49,9 @@ def versions() -> dict[str, str]:
 
 
 def _op_counts(graph: onnx.GraphProto, counts: Counter) -> Counter:
-    for n in graph.node:
-        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
-        counts[key] += 1
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                _op_counts(a.g, counts)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    _op_counts(g, counts)
+    for g in iter_graph_protos(graph):
+        for n in g.node:
+            counts[n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"] += 1
     return counts
 
 

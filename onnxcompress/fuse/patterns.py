@@ -89,22 +89,15 @@ def infer_ranks(graph: gs.Graph) -> dict[str, int]:
     except Exception:  # shape inference is best effort: unknown ranks make rules decline
         return ranks
 
-    def visit(g: onnx.GraphProto) -> None:
+    from onnxcompress.graph.io import iter_graph_protos
+
+    for g in iter_graph_protos(model.graph):
         for vi in [*g.input, *g.output, *g.value_info]:
             tt = vi.type.tensor_type
             if tt.HasField("shape"):
                 ranks[vi.name] = len(tt.shape.dim)
         for init in g.initializer:
             ranks[init.name] = len(init.dims)
-        for node in g.node:
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    visit(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        visit(sg)
-
-    visit(model.graph)
     return ranks
 
 

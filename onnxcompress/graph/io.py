@@ -47,6 +47,7 @@ __all__ = [
     "model_to_graph",
     "graph_to_model",
     "iter_tensor_protos",
+    "iter_graph_protos",
     "check_external_data",
     "PROTOBUF_LIMIT",
     "write_text_atomic",
@@ -127,6 +128,18 @@ def iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProt
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
                     yield from iter_tensor_protos(g)
+
+
+def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph (If branches, Loop/Scan bodies) at any depth."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graph_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_graph_protos(g)
 
 
 def _is_external(t: onnx.TensorProto) -> bool:

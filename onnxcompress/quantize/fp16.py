@@ -141,7 +141,9 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
         log.info("convert_fp16: shape inference failed (%s); using declared types only", e)
     types: dict[str, int] = {}
 
-    def walk(g: onnx.GraphProto) -> None:
+    from onnxcompress.graph.io import iter_graph_protos
+
+    for g in iter_graph_protos(model.graph):
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 types[vi.name] = vi.type.tensor_type.elem_type
@@ -152,14 +154,6 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
                 for a in n.attribute:
                     if a.name == "value":
                         types[n.output[0]] = a.t.data_type
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        walk(sg)
-
-    walk(model.graph)
     return types
 
 
