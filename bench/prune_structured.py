@@ -53,12 +53,15 @@ def variants(kind: str) -> list[tuple[str, tuple]]:
     """``(label, steps)``; ``kind`` is mlp, cnn (digits models, with data) or synthetic."""
     from onnxcompress.fuse.neuron_merge import MergeNeuronsConfig
     from onnxcompress.prune.channels import PruneChannelsConfig as Prune
+    from onnxcompress.recipes import default_recipe
     from onnxcompress.transfer.reconstruct import DistillConfig
 
     out: list[tuple[str, tuple]] = [("fp32", ())]
     for r in (0.25, 0.5):
         p = f"prune {r:.0%}"
         out.append((f"{p} l1", (Prune(ratio=r),)))
+        # what `onnxcompress in.onnx out.onnx --prune-channels R` runs: the lossless prefix, then pruning
+        out.append((f"{p} l1, CLI recipe", default_recipe().with_step(Prune(ratio=r)).steps))
         if kind != "mlp":
             out.append((f"{p} l1 round-to 8", (Prune(ratio=r, round_to=8),)))
         if kind == "synthetic":
