@@ -126,7 +126,7 @@ def compress(
     report = Report(recipe=recipe.to_dict(), seed=recipe.seed)
     try:
         report.input = ModelStats.of_model(src.model, src.base_dir)
-        graph = model_to_graph(open_model(src.model, base_dir=src.base_dir))
+        graph = model_to_graph(src)  # shares src.model's tensors; graph_to_model never writes into them
         Pipeline(passes).run(graph, ctx, report)
         out = graph_to_model(graph, src.model)
         if recipe.output.embed_plan:

@@ -557,8 +557,29 @@ def _all_graphs(graph: gs.Graph) -> list[gs.Graph]:
     return [graph, *graph.subgraphs(recursive=True)]
 
 
+def _detach_renamed_protos(graph: gs.Graph) -> None:
+    """Give every lazily held constant whose name differs from its TensorProto's a private copy."""
+    for g in _all_graphs(graph):
+        consts = [t for t in g.tensors().values() if isinstance(t, gs.Constant)]
+        consts += [v for n in g.nodes for v in n.attrs.values() if isinstance(v, gs.Constant)]
+        for c in consts:
+            v = c._values
+            if type(v) not in (LazyValues, ExternalValues) or v.tensor.name == c.name:
+                continue
+            proto = onnx.TensorProto()
+            proto.CopyFrom(v.tensor)
+            c._values = ExternalValues(proto, v.base_dir) if isinstance(v, ExternalValues) else LazyValues(proto)
+
+
 def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """Export ``graph`` and restore the model-level fields graphsurgeon drops, from ``template``."""
+    """Export ``graph`` and restore the model-level fields graphsurgeon drops, from ``template``.
+
+    The model the graph was imported from is left as it was, so a graph may be imported straight from
+    a caller's (or the reference) model without copying it first: graphsurgeon's exporter writes the
+    constant's name into the TensorProto of a tensor still held lazily, which would rename the
+    source's initializer when a pass renamed the constant; such protos are copied before export.
+    """
+    _detach_renamed_protos(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     if template is None:
         return model

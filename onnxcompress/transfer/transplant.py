@@ -223,7 +223,7 @@ def transplant(source: ModelLike, destination: ModelLike, *, by_position: bool =
     on it (see :func:`recalibrate_activations`). Neither argument is modified.
     """
     src_ms, dst_ms = open_model(source), open_model(destination)
-    src_graph, dst_graph = model_to_graph(src_ms), model_to_graph(open_model(dst_ms.model, base_dir=dst_ms.base_dir))
+    src_graph, dst_graph = model_to_graph(src_ms), model_to_graph(dst_ms)
     rep_groups = _replay_channel_plan(src_graph, dst_ms.model)
     src_refs = list(iter_weights(src_graph))
     dst_refs = list(iter_weights(dst_graph))
