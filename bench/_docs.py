@@ -18,3 +18,19 @@ def write_section(section: str, text: str, *, heading: str | None = None) -> Non
     i, j = s.index(start) + len(start), s.index(end)
     head = f"\n## {heading}\n\n" if heading else "\n"
     DOC.write_text(s[:i] + head + text + s[j:], encoding="utf-8")
+
+
+def machine() -> str:
+    """``<CPU model>, <n> cores (shared), onnxruntime <version>`` for a table's "Machine:" line."""
+    import os
+    import platform
+
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores (shared), onnxruntime {onnxruntime.__version__}"

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _docs import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _docs import machine, write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -199,18 +199,10 @@ def _fmt(r: dict) -> str:
 
 
 def render(rows: list[dict], command: str) -> str:
-    import onnxruntime
-
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     head = [
         "### Unstructured sparsity and compact storage",
         "",
-        f"Machine: {cpu}, {os.cpu_count()} cores (shared), onnxruntime {onnxruntime.__version__}; "
+        f"Machine: {machine()}; "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Command: `{command}`.",
         "",
         "Every variant runs the default lossless prefix first (cleanup, dedupe, folding, `fuse`: BatchNorm is "

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import sys
 import time
 import warnings
@@ -40,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from _docs import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _docs import machine, write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -233,16 +231,8 @@ def bench(name: str, model: onnx.ModelProto, kind: str, batch: int, rounds: int,
 
 
 def render(rows: list[dict], command: str, batch: int, notes: list[str]) -> str:
-    import onnxruntime
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     lines = [
-        f"Machine: {cpu}, {os.cpu_count()} cores (shared), onnxruntime {onnxruntime.__version__}; "
+        f"Machine: {machine()}; "
         f"{datetime.date.today().isoformat()}; `{command}`",
         "",
         "Structured pruning / neuron merging without fine-tuning (\"+ distill repair\": the transfer "

@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _docs import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _docs import machine, write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -335,18 +334,10 @@ def _fmt_rows(case: str, rows: list[dict]) -> list[str]:
 
 
 def render(results: dict, mem: list[dict], command: str) -> str:
-    import onnxruntime
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     head = [
         "### int8: onnxcompress vs onnxruntime.quantization",
         "",
-        f"Machine: {cpu}, {os.cpu_count()} cores (shared), onnxruntime {onnxruntime.__version__}; "
+        f"Machine: {machine()}; "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Command: `{command}`.",
         "",
         "Variants: `ours` = `--int8` with `--calib-data` (static QDQ, default calibration), `ours-<method>` = "

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from _docs import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _docs import machine, write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "tests"):
@@ -271,16 +270,6 @@ def deep_compression_rows(model: str, label: str, calib: str, work: Path) -> lis
 # ---------------------------------------------------------------------------------------------- output
 
 
-def _machine() -> str:
-    import onnxruntime
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores (shared), onnxruntime {onnxruntime.__version__}"
 
 
 def render(repair: list[dict], transplants: list[dict], dc: list[dict], command: str) -> str:
@@ -288,7 +277,7 @@ def render(repair: list[dict], transplants: list[dict], dc: list[dict], command:
     out = [
         "### Transfer: repair from the teacher, transplant, Deep Compression",
         "",
-        f"Machine: {_machine()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
+        f"Machine: {machine()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
         f"Command: `{command}`. Accuracy: the fixed 450-sample digits test split; repair data: the "
         "256-sample calib split (never the test split). No training loop anywhere.",
         "",
