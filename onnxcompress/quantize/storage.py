@@ -190,6 +190,6 @@ class StoragePass(Pass):
             if cfg.block and not enc.info["block"]:
                 info["note"] = f"length along the channel is not a multiple of {cfg.block}: one scale per channel"
             plan.append(info)
-            res.changed(f"{w.name}: {cfg.bits} storage, {w.values.nbytes} -> {enc.info['stored_bytes']} bytes")
+            res.changed(f"{w.name}: {cfg.bits} storage, {enc.info['float_bytes']} -> {enc.info['stored_bytes']} bytes")
         res.details = {"storage": plan}
         return res
