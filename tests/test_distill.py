@@ -136,6 +136,26 @@ def test_repairs_sparse_shared_mlp_on_digits(teacher, calib):
     assert all(r["grid"].startswith("codebook") for r in rows)
 
 
+def test_shared_bias_goes_back_on_its_codebook(teacher, calib):
+    """A bias that weight sharing put on 4 values keeps at most 4 values after the refit; an unshared
+    bias is refitted freely. The repair still lowers every layer's error."""
+    student = tm.edit_weights(teacher, lambda n, w: tm.kmeans_share(tm.magnitude_prune(w, 0.8), 16))
+    for t in student.graph.initializer:
+        if t.dims == [32]:  # the hidden layer's bias
+            t.CopyFrom(numpy_helper.from_array(tm.kmeans_share(numpy_helper.to_array(t), 4), t.name))
+    before = {n: w for n, w in _weights(student).items() if w.ndim == 1}
+    shared = next(n for n, w in before.items() if w.size == 32)
+    assert len(np.unique(before[shared])) <= 4
+    repaired, res = _distill(student, teacher, calib)
+    after = _weights(repaired)
+    assert len(np.unique(after[shared])) <= 4 and not np.array_equal(after[shared], before[shared])
+    free = [n for n, w in before.items() if w.size != 32]
+    assert free and all(len(np.unique(after[n])) == after[n].size for n in free)
+    rows = res.details["layers"]
+    assert all(r["refit"] and r["error_after"] < r["error_before"] for r in rows)
+    assert any("bias codebook K=" in r["grid"] for r in rows)
+
+
 def test_student_equal_to_teacher_stays_as_it_is(teacher, calib):
     """Nothing to repair: every layer is left alone or refitted to (numerically) the same weights,
     so the outputs stay within the lossless budget."""

@@ -7,7 +7,7 @@ it stores, ``e[L]``; a value stream stores them:
 * :class:`RawValues`: ``e`` itself (``L · itemsize`` bytes; sub-byte originals stay packed).
 * :class:`CodebookValues` (exact weight sharing, as k-means weight sharing leaves it): when ``e`` has
   ``K <= 256`` distinct bit patterns, ``e = codebook[idx]`` with ``codebook[K]`` and ``idx`` packed in
-  ``b = min{1, 2, 4, 8 : 2**b >= K}`` bits: ``K · itemsize + ceil(L · b / 8)`` bytes.
+  ``b = min{1..8 : 2**b >= K}`` bits: ``K · itemsize + ceil(L · b / 8)`` bytes.
   Decode: ``Gather(codebook, Cast(idx -> int64))``.
 
 Distinct values are told apart by their bit patterns, so ``-0.0`` and ``+0.0`` (and NaN payloads)
@@ -87,7 +87,7 @@ class RawValues:
     def nbytes(self) -> int:
         return packed_nbytes(self.values.size, self.sub_byte_bits or self.values.dtype.itemsize * 8)
 
-    def n_nodes(self, opset: int) -> int:
+    def n_nodes(self, opset: int, pooled: bool = False) -> int:
         return 1 if self.sub_byte_bits else 0
 
     def decoded(self) -> np.ndarray:
@@ -119,8 +119,8 @@ class CodebookValues:
     def nbytes(self) -> int:
         return self.codebook.nbytes + packed_nbytes(self.indices.size, self.bits)
 
-    def n_nodes(self, opset: int) -> int:
-        return 1 + stream_nodes(self.indices.size, self.bits, opset)
+    def n_nodes(self, opset: int, pooled: bool = False) -> int:
+        return 1 + stream_nodes(self.indices.size, self.bits, opset, pooled=pooled)
 
     def decoded(self) -> np.ndarray:
         return self.codebook[self.indices]

@@ -5,7 +5,9 @@ For a weight flattened to ``x[n]`` (see :mod:`~onnxcompress.encode.codebook` for
 candidate is a layout (which entries are stored: all, the nonzeros behind a bitmask, or the nonzeros
 with gap-encoded positions — :mod:`~onnxcompress.encode.sparse`) times a value stream (the entries
 as they are, or ``codebook[idx]`` with packed indices). Sizes, in bytes, with ``s`` the itemsize,
-``z`` = nonzeros, ``L`` = gap entries (fillers included), ``K`` = distinct values, ``b`` index bits:
+``z`` = nonzeros, ``L`` = gap entries (fillers included), ``K`` = distinct values, ``b`` index bits
+(1..8; ``ceil(x·b/8)`` is in whole groups of 8 elements for 3, 5, 6, 7 bits, see
+:mod:`~onnxcompress.encode.packing`):
 
 ==================  ==========================================
 dense               ``n·s``
@@ -45,8 +47,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.encode.codebook import CodebookValues, RawValues, WorkArray, bit_keys, codebook_values, work_array
-from onnxcompress.encode.decoder import DecodeBuilder
-from onnxcompress.encode.packing import MIN_OPSET, packed_nbytes
+from onnxcompress.encode.decoder import DecodeBuilder, StreamPools
+from onnxcompress.encode.packing import ALL_BITS, MIN_OPSET, packed_nbytes
 from onnxcompress.encode.sparse import BitmaskLayout, FullLayout, GapLayout, background, gap_layout, nonzero_mask
 from onnxcompress.errors import PassError
 from onnxcompress.graph.naming import Namer
@@ -58,6 +60,8 @@ from onnxcompress.recipe import StepConfig, option
 __all__ = ["CompactStorageConfig", "CompactStoragePass", "Encoding", "choose_encoding"]
 
 FORMS = ("codebook", "bitmask", "gaps")
+#: gap widths tried by default: the best width is near log2(1/p) + 1 bits for a fraction p of non-zeros
+GAP_BITS = (3, 4, 5, 6, 8)
 
 Layout = Union[FullLayout, BitmaskLayout, GapLayout]
 Values = Union[RawValues, CodebookValues]
@@ -75,7 +79,7 @@ class CompactStorageConfig(StepConfig):
                                flag="--compact-min-elements", minimum=1)
     forms: tuple[str, ...] = option(FORMS, "encodings that may be used, comma separated", flag="--compact-forms",
                                     choices=FORMS, metavar="LIST")
-    gap_bits: tuple[int, ...] = option((4, 8), "bit widths tried for gap-encoded positions", choices=(2, 4, 8))
+    gap_bits: tuple[int, ...] = option(GAP_BITS, "bit widths tried for gap-encoded positions", choices=ALL_BITS)
     max_codebook: int = option(256, "a codebook holds at most this many distinct values", minimum=2, maximum=256)
     min_saving: float = option(0.02, "encode only when that saves at least this fraction of the dense bytes",
                                minimum=0, maximum=1)
@@ -104,10 +108,11 @@ class Encoding:
     def nbytes(self) -> int:
         return self.work.nbytes if self.is_dense else self.layout.nbytes + self.values.nbytes
 
-    def n_nodes(self, opset: int) -> int:
+    def n_nodes(self, opset: int, pooled: bool = True) -> int:
         if self.is_dense:
             return 0
-        return self.layout.n_nodes(opset) + self.values.n_nodes(opset) + 1 + bool(self.work.sub_byte_bits)
+        return (self.layout.n_nodes(opset, pooled) + self.values.n_nodes(opset, pooled) + 1
+                + bool(self.work.sub_byte_bits))
 
     def decode(self) -> np.ndarray:
         """The numpy mirror of :meth:`emit` (flat, work dtype)."""
@@ -188,6 +193,7 @@ class CompactStoragePass(Pass):
             return res
         namer = Namer.for_graph(graph)
         shared: dict = {}  # small decode constants shared between weights of one graph
+        pools = StreamPools()  # packed streams of one width share one unpacking chain
         rng = ctx.rng("compact_storage") if ctx is not None else np.random.default_rng(0)
         for ref in weights:
             reason = self._refusal(ref)
@@ -208,8 +214,9 @@ class CompactStoragePass(Pass):
             }
             if enc.is_dense:
                 continue
-            self._rewrite(ref, enc, namer, opset, shared)
+            self._rewrite(ref, enc, namer, opset, shared, pools)
             res.changed(f"{ref.name}: {enc.label}, {work.nbytes} -> {enc.nbytes} bytes ({row['ratio']:.3f}x)")
+        pools.finish()
         dense = sum(r["dense_bytes"] for r in table.values())
         encoded = sum(r["encoded_bytes"] for r in table.values())
         res.details["totals"] = {"tensors": len(table), "encoded": sum(r["encoding"] != "dense" for r in table.values()),
@@ -229,16 +236,16 @@ class CompactStoragePass(Pass):
         return None
 
     @staticmethod
-    def _rewrite(ref: WeightRef, enc: Encoding, namer: Namer, opset: int, shared: dict) -> None:
+    def _rewrite(ref: WeightRef, enc: Encoding, namer: Namer, opset: int, shared: dict, pools: StreamPools) -> None:
         decoded = enc.decode()
         if decoded.shape != enc.work.flat.shape or not np.array_equal(bit_keys(decoded), bit_keys(enc.work.flat)):
             raise PassError(f"the {enc.label} encoding of {ref.name!r} does not decode to the original bits",
                             where="compact_storage", hint="leave compact_storage out of the recipe and report this bug")
         original = ref.tensor.name
-        b = DecodeBuilder(ref.graph, namer, original, opset, shared)
+        b = DecodeBuilder(ref.graph, namer, original, opset, shared, pools)
         out = enc.emit(b)
         ref.tensor.name = namer.fresh(original, "dense")
         out.name = original
-        out.dtype = ref.dtype
-        out.shape = list(enc.work.shape)
+        # no dtype / shape on ``out``: they would only add a value_info entry to the file (onnxruntime
+        # folds the chain into an initializer with both); shape inference recovers them
         replace_all_uses(ref.tensor, out)

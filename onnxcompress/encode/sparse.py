@@ -70,7 +70,7 @@ class FullLayout:
     def entries(self, flat: np.ndarray) -> np.ndarray:
         return flat
 
-    def n_nodes(self, opset: int) -> int:
+    def n_nodes(self, opset: int, pooled: bool = False) -> int:
         return 0
 
     def decode(self, entries: np.ndarray) -> np.ndarray:
@@ -94,8 +94,8 @@ class BitmaskLayout:
     def entries(self, flat: np.ndarray) -> np.ndarray:
         return flat[self.mask]
 
-    def n_nodes(self, opset: int) -> int:
-        return stream_nodes(self.mask.size, 1, opset) + 4
+    def n_nodes(self, opset: int, pooled: bool = False) -> int:
+        return stream_nodes(self.mask.size, 1, opset, pooled=pooled) + 4
 
     def decode(self, entries: np.ndarray) -> np.ndarray:
         m = self.mask.astype(np.int64)
@@ -131,8 +131,8 @@ class GapLayout:
     def entries(self, flat: np.ndarray) -> np.ndarray:
         return flat[self.positions()]
 
-    def n_nodes(self, opset: int) -> int:
-        return stream_nodes(self.gaps.size, self.bits, opset) + 5
+    def n_nodes(self, opset: int, pooled: bool = False) -> int:
+        return stream_nodes(self.gaps.size, self.bits, opset, pooled=pooled) + 5
 
     def decode(self, entries: np.ndarray) -> np.ndarray:
         out = np.full(self.n, self.fill[0], entries.dtype)

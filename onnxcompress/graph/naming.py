@@ -19,6 +19,7 @@ class Namer:
 
     def __init__(self, used: set[str] | None = None) -> None:
         self._used: set[str] = set(used or ())
+        self._short = 0
 
     @classmethod
     def for_graph(cls, graph: gs.Graph) -> "Namer":
@@ -39,3 +40,14 @@ class Namer:
             i += 1
         self._used.add(name)
         return name
+
+    def short(self, prefix: str = "~") -> str:
+        """The next unused ``<prefix><n>`` (``~0``, ``~1`` ...): for tensors nobody reads by name, such as
+        the inside of a decode chain that onnxruntime folds away at load, where long names are only
+        file overhead."""
+        while True:
+            name = f"{prefix}{self._short:x}"
+            self._short += 1
+            if name not in self._used:
+                self._used.add(name)
+                return name

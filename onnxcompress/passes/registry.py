@@ -18,6 +18,7 @@ from onnxcompress.prune.sparsity import SparsifyPass
 from onnxcompress.quantize.static import QuantizeInt8Pass
 from onnxcompress.quantize.storage import StoragePass
 from onnxcompress.prune.channels import PruneChannelsPass
+from onnxcompress.prune.dead import DropDeadChannelsPass
 from onnxcompress.fuse.neuron_merge import MergeNeuronsPass
 from onnxcompress.transfer.reconstruct import DistillPass
 from onnxcompress.transfer.replay import ApplyPlanPass, WidthPass
@@ -46,6 +47,7 @@ def _pass_classes() -> tuple[type[Pass], ...]:
         SparsifyPass,
         CompactStoragePass,
         PruneChannelsPass,
+        DropDeadChannelsPass,
         MergeNeuronsPass,
         DistillPass,
         ApplyPlanPass,

@@ -28,7 +28,9 @@ After the float fit the weights go back on their grid:
 * **integer grid** (the weight is ``DequantizeLinear(q, scale, zero_point)``): ``q = clip(round(w/scale)
   + zp)`` with the same scale and zero point;
 * then **bias correction**: the bias is re-solved for the snapped weights,
-  ``b_o = (ΣT_o − Σ_rows A·w_o) / N`` — the quantization error's mean is absorbed by the bias.
+  ``b_o = (ΣT_o − Σ_rows A·w_o) / N`` — the quantization error's mean is absorbed by the bias;
+* a float bias that weight sharing put on a codebook goes back on it last, like a shared weight
+  (Lloyd iterations from its old centres, then the nearest centre; its rounding is not compensated).
 
 A refit is kept only when it lowers the layer's squared error against the teacher on the
 calibration data (computed from the same sums: ``‖Aw − t‖² = wᵀGw − 2wᵀc + Σt²``); otherwise the
@@ -616,6 +618,8 @@ class DistillPass(Pass):
             if bias is not None and cfg.bias_correction:
                 # b_o = (Σ t_o − Σ_rows a·w_o) / N, with the last row of the Gram holding Σ a
                 new[:, -1] = (st.cross[-1] - new[:, :-1] @ st.gram[-1, :-1]) / st.gram[-1, -1]
+        if bias is not None and layer.bias_dq is None:
+            new[:, -1] = self._snap_bias(layer, bias, new[:, -1])
         err_after = _sq_error(new, st.gram, st.cross, st.tt)
         rec = {"node": layer.name, "tensor": layer.weight.name, "target": layer.teacher,
                "error_before": err_before / st.rows, "error_after": err_after / st.rows,
@@ -662,6 +666,17 @@ class DistillPass(Pass):
         def snap_book(v: np.ndarray, cols=None) -> np.ndarray:
             return c[np.searchsorted(mids, v)]
         return snap_book
+
+    def _snap_bias(self, layer: Layer, old: np.ndarray, refit: np.ndarray) -> np.ndarray:
+        """A float bias that weight sharing put on a codebook (``K ≤ max_codebook`` distinct values,
+        fewer than its size) goes back on it the way shared weights do: Lloyd iterations from the old
+        centres on the refitted values, then the nearest centre. Any other bias stays as refitted."""
+        centres = np.unique(old)
+        if not (0 < centres.size <= self.config.max_codebook and centres.size < old.size):
+            return refit
+        snapped, c = snap_to_codebook(refit, centres, self.config.codebook_iters)
+        layer.notes["grid"] = f"{layer.notes.get('grid', 'float')}, bias codebook K={c.size}"
+        return snapped
 
     @staticmethod
     def _write(layer: Layer, graph: gs.Graph, new: np.ndarray, shape: tuple[int, ...], has_bias: bool) -> None:

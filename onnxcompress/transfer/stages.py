@@ -13,10 +13,12 @@ pruning             non-zeros in fp32 with relative 8-bit positions (CSR-like, g
                     encoding with fillers over gaps of 256, ``L`` entries): ``L + 4·L``
 + quantization      the same positions, each entry an 8-bit index into a ``K``-entry fp32
                     codebook: ``L + L + 4·K``  (only when ``K ≤ 256``)
-+ encoding          the smallest bit-packed form ``compact_storage`` can write: gaps in 4
-                    or 8 bits or a bitmask, indices in ``b = 1, 2, 4, 8`` bits —
-                    ``min(gaps_g: ceil(L_g·g/8) + 4·K + ceil(L_g·b/8), bitmask:
-                    ceil(n/8) + 4·K + ceil(z·b/8), dense codebook: 4·K + ceil(n·b/8))``
++ encoding          the smallest bit-packed form ``compact_storage`` can write: gaps in
+                    ``g`` bits (its default widths) or a bitmask, indices in ``b = 1..8`` bits —
+                    ``min(gaps_g: B(L_g, g) + 4·K + B(L_g, b), bitmask:
+                    B(n, 1) + 4·K + B(z, b), dense codebook: 4·K + B(n, b))`` with
+                    ``B(count, bits)`` the packed bytes (``ceil(count·bits/8)``, in whole
+                    groups of 8 elements for 3, 5, 6, 7 bits)
 ==================  =====================================================================
 
 Each ratio is ``Σ 4·n / Σ stage bytes`` over the measured weights (as the paper's table); the whole
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxcompress.encode.compact import GAP_BITS
 from onnxcompress.encode.packing import bits_for, packed_nbytes
 from onnxcompress.graph.query import iter_weights
 from onnxcompress.passes.base import Pass, PassResult
@@ -82,7 +85,7 @@ def weight_stage_bytes(values: np.ndarray) -> dict[str, int]:
         b = bits_for(max(distinct + 1, 2)) or 8  # the zero filler is one more symbol in gap/dense forms
         bz = bits_for(max(distinct, 2)) or 8
         forms = [book + packed_nbytes(n, b), packed_nbytes(n, 1) + book + packed_nbytes(z, bz)]
-        for g in (4, 8):
+        for g in GAP_BITS:
             lg = gap_entries(mask, g)
             forms.append(packed_nbytes(lg, g) + book + packed_nbytes(lg, b))
         out["+ encoding"] = min(min(forms), out["+ quantization"])
