@@ -131,6 +131,8 @@ def compress(
         out = graph_to_model(graph, src.model)
         if recipe.output.embed_plan:
             embed_plan(out, plan_of(report))
+        else:
+            ctx.note("plan: not embedded in the model (--embed-plan embeds it, --report FILE saves it)")
         report.output = ModelStats.of_model(out, src.base_dir)
         parity = None
         if recipe.verify.enabled:

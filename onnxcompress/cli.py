@@ -134,7 +134,7 @@ def recipe_from_args(args: argparse.Namespace, targets: dict[str, list[_Target]]
     """Build the Recipe: ``--recipe`` file, then presets, then explicit flags."""
     from onnxcompress.passes.registry import pass_classes
     from onnxcompress.recipe import OutputConfig, Recipe, VerifyConfig, config_from_dict
-    from onnxcompress.recipes import PRESETS, lossless_steps
+    from onnxcompress.recipes import PRESETS, lossless_steps, with_preset_output
 
     chosen = [pre for pre in PRESETS if getattr(args, f"preset_{pre.name}", False)]
     base = Recipe.from_file(args.recipe) if args.recipe else Recipe()
@@ -149,6 +149,8 @@ def recipe_from_args(args: argparse.Namespace, targets: dict[str, list[_Target]]
     for pre in chosen:
         for s in pre.steps():
             recipe = recipe.with_step(s)
+    if not args.recipe:  # a recipe file's output settings win over a preset's
+        recipe = with_preset_output(recipe, chosen)
     for cls in [*step_flags, *[c for c in enabling if c not in step_flags]]:
         if recipe.step(cls.name) is None:
             recipe = recipe.with_step(cls())

@@ -8,8 +8,9 @@ recipe built from presets stays printable and replayable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from onnxcompress.passes.cleanup import CleanupConfig, DedupeConfig, FoldConstantsConfig
 from onnxcompress.fuse.lossless import FuseConfig
@@ -21,7 +22,7 @@ from onnxcompress.quantize.fp16 import ConvertFp16Config
 from onnxcompress.transfer.stages import deep_compression_steps
 from onnxcompress.recipe import Recipe, StepConfig
 
-__all__ = ["Preset", "PRESETS", "lossless_steps", "preset_recipe", "default_recipe"]
+__all__ = ["Preset", "PRESETS", "lossless_steps", "preset_recipe", "default_recipe", "with_preset_output"]
 
 
 def lossless_steps() -> list[StepConfig]:
@@ -38,6 +39,8 @@ class Preset:
     flag: str
     help: str
     steps: Callable[[], list[StepConfig]]
+    #: output settings the preset changes (explicit flags and recipe files still win)
+    output: dict[str, Any] = field(default_factory=dict)
 
 
 def _presets() -> tuple[Preset, ...]:
@@ -51,10 +54,11 @@ def _presets() -> tuple[Preset, ...]:
                lambda: [ConvertFp16Config()]),
         Preset("bf16", "--bf16", "bfloat16 where onnxruntime runs it (few CPU kernels: elsewhere float32 compute "
                "with bfloat16 weights)", lambda: [ConvertFp16Config(dtype="bfloat16")]),
-        Preset("deep_compression", "--deep-compression", "Deep Compression: 90%% magnitude pruning -> k-means "
-               "weight sharing (16 codes per layer) -> layer-wise repair from the original model (with "
-               "--calib-data) -> compact sparse storage; the summary shows each stage's ratio",
-               deep_compression_steps),
+        Preset("deep_compression", "--deep-compression", "Deep Compression: 90%% magnitude pruning (channels "
+               "left unread dropped) -> layer-wise repair from the original model (with --calib-data) -> k-means "
+               "weight sharing (8 values per tensor) -> repair again -> compact sparse storage; the summary shows "
+               "each stage's ratio. The plan is not embedded (it would double a tiny model's file): --report "
+               "FILE keeps it, --embed-plan embeds it", deep_compression_steps, {"embed_plan": False}),
     )
 
 
@@ -71,7 +75,15 @@ def preset_recipe(names: list[str], *, lossless: bool = True) -> Recipe:
     for n in names:
         for s in by_name[n].steps():
             recipe = recipe.with_step(s)
-    return recipe
+    return with_preset_output(recipe, [by_name[n] for n in names])
+
+
+def with_preset_output(recipe: Recipe, presets: list[Preset]) -> Recipe:
+    """``recipe`` with the output settings the presets change."""
+    changes = {k: v for p in presets for k, v in p.output.items()}
+    if not changes:
+        return recipe
+    return recipe.replace(output=dataclasses.replace(recipe.output, **changes))
 
 
 def default_recipe() -> Recipe:

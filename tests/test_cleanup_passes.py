@@ -10,6 +10,7 @@ from onnxcompress.context import Context
 from onnxcompress.graph.io import graph_to_model, model_to_graph, open_model
 from onnxcompress.passes.base import Pipeline
 from onnxcompress.passes.cleanup import (
+    CleanupConfig,
     CleanupPass,
     DedupeConfig,
     DedupeInitializersPass,
@@ -59,6 +60,23 @@ def test_identity_removed_and_numbers_equal():
     assert [o.name for o in out.graph.output] == ["y"] and [i.name for i in out.graph.input] == ["x"]
     np.testing.assert_array_equal(b.run(out, X)[0], b.run(m, X)[0])
     assert res.modified
+
+
+def test_attributes_equal_to_their_defaults_are_dropped():
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32), "w")
+    c = numpy_helper.from_array(np.ones(3, np.float32), "c")
+    m = _model([
+        helper.make_node("Gemm", ["x", "w", "c"], ["g"], alpha=1.0, beta=1.0, transA=0, transB=1),
+        helper.make_node("LeakyRelu", ["g"], ["l"], alpha=0.5),          # not its default (0.01): kept
+        helper.make_node("Softmax", ["l"], ["y"], axis=-1),              # the default at opset 13+: dropped
+    ], [w, c])
+    out, (res,) = _apply(m, CleanupPass())
+    attrs = {n.op_type: {a.name for a in n.attribute} for n in out.graph.node}
+    assert attrs == {"Gemm": {"transB"}, "LeakyRelu": {"alpha"}, "Softmax": set()}
+    assert any("4 attributes" in c for c in res.changes)
+    np.testing.assert_array_equal(b.run(out, X)[0], b.run(m, X)[0])
+    kept, _ = _apply(m, CleanupPass(CleanupConfig(drop_default_attributes=False)))
+    assert {a.name for a in kept.graph.node[0].attribute} == {"alpha", "beta", "transA", "transB"}
 
 
 def test_identity_between_input_and_output_is_kept():

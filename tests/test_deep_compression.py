@@ -71,9 +71,13 @@ def test_dense_unshared_weight_gains_nothing():
 
 def test_preset_steps_in_order():
     names = [s.name for s in preset_recipe(["deep_compression"]).steps]
-    order = ["sparsify", "share_weights", "distill", "compression_stages", "compact_storage"]
+    order = ["sparsify", "drop_dead_channels", "refit_pruned", "share_weights", "distill", "compression_stages",
+             "compact_storage"]
     assert [n for n in names if n in order] == order
-    assert Recipe.from_cli(["--deep-compression"]).step("compact_storage").min_elements == 256
+    cli = Recipe.from_cli(["--deep-compression"])
+    assert cli.step("compact_storage").min_elements == 64 and cli.step("share_weights").clusters == 8
+    assert not cli.output.embed_plan  # the preset leaves the plan out of the file ...
+    assert Recipe.from_cli(["--deep-compression", "--embed-plan"]).output.embed_plan  # ... unless asked
 
 
 def test_deep_compression_with_and_without_data(mlp):
@@ -83,16 +87,16 @@ def test_deep_compression_with_and_without_data(mlp):
     with_data = compress(path, recipe, data=calib)
     acc_t = digits_accuracy(str(path))
     acc_n, acc_d = digits_accuracy(no_data.model), digits_accuracy(with_data.model)
-    # the repair is what makes 90% sparsity + 16 codes usable on this small MLP
+    # the repair is what makes 90% sparsity + 8 shared values usable on this small MLP
     assert acc_d >= acc_n + 0.15 and acc_d >= acc_t - 0.2
-    assert not no_data.report.step("distill").modified
+    assert not no_data.report.step("distill").modified and not no_data.report.step("refit_pruned").modified
     assert any("no calibration data" in n for n in no_data.report.notes)
-    assert with_data.report.step("distill").modified
+    assert with_data.report.step("distill").modified and with_data.report.step("refit_pruned").modified
     # structure: every Gemm weight is decoded from packed storage, no dense float weight remains
     m = with_data.model
     ops = Counter(n.op_type for n in m.graph.node)
     assert ops["Gemm"] == 3 and ops["Gather"] >= 3
-    dense = [t.name for t in m.graph.initializer if t.name.endswith(".weight")]
+    dense = [t.name for t in m.graph.initializer if "weight" in t.name]
     assert dense == []
     # the stage table: ratios grow, and the summary shows it
     stages = with_data.report.step("compression_stages").details["stages"]
@@ -100,10 +104,10 @@ def test_deep_compression_with_and_without_data(mlp):
     ratios = [s["ratio"] for s in stages]
     assert ratios[0] == 1.0 and ratios[1] > 5 and ratios[2] > ratios[1] and ratios[3] > ratios[2]
     assert any(n.startswith("Deep Compression stages") for n in with_data.report.notes)
-    # the file really shrank (at this size the embedded plan and the decode graph weigh as much as the weights)
-    assert with_data.report.ratio > 1.8
-    bare = compress(path, recipe.replace(output=OutputConfig(embed_plan=False)), data=calib)
-    assert bare.report.ratio > 3
+    # the file really shrank; with the plan embedded it weighs about as much as the weights at this size
+    assert with_data.report.ratio > 3 and not any(p.key == "onnxcompress.plan" for p in m.metadata_props)
+    planned = compress(path, recipe.replace(output=OutputConfig(embed_plan=True)), data=calib)
+    assert planned.report.ratio > 1.5 and any(p.key == "onnxcompress.plan" for p in planned.model.metadata_props)
     onnx.checker.check_model(m)
 
 
@@ -117,7 +121,7 @@ def test_stage_table_declines_without_linear_weights():
 def test_cli_deep_compression_summary(mlp, tmp_path, capsys):
     path, calib = mlp
     out = tmp_path / "dc.onnx"
-    rc = main([str(path), str(out), "--deep-compression", "--calib-data", calib, "--keep-failed", "--no-embed-plan"])
+    rc = main([str(path), str(out), "--deep-compression", "--calib-data", calib, "--keep-failed"])
     assert rc in (0, 1)  # 1: the lossy parity budget may fail on this tiny MLP; the file is kept
     text = capsys.readouterr().out
     assert "Deep Compression stages (weights): fp32" in text and "+ encoding" in text
@@ -138,7 +142,6 @@ def _lenet_300_100(tmp_path):
         return str(path)
 
 
-@pytest.mark.slow
 def test_lenet_300_100_weights_30x_within_one_point(tmp_path):
     path = _lenet_300_100(tmp_path)
     calib = str(calibration_npz(tmp_path / "calib.npz", path))  # the calib split, never the test split
@@ -151,14 +154,14 @@ def test_lenet_300_100_weights_30x_within_one_point(tmp_path):
     assert stages["+ encoding"] >= 30
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the whole file is not yet 30x smaller: compact_storage's decode graph "
-                                       "(~1.4 KB of nodes and small constants per weight) and the fp32 biases "
-                                       "(1.6 KB) dominate at this size; the weights alone are (see the test above)")
-def test_lenet_300_100_file_30x(tmp_path):
+def test_lenet_300_100_file_30x_within_one_point(tmp_path):
+    """The issue's target on the whole file: >= 30x smaller than the fp32 file, <= 1 point lost on the
+    test split (seen: 207,833 -> 6,523 bytes, 31.9x; 97.56% -> 96.67%)."""
     path = _lenet_300_100(tmp_path)
     calib = str(calibration_npz(tmp_path / "calib.npz", path))
     r = compress(path, preset_recipe(["deep_compression"]).replace(verify=OFF), data=calib)
     out = tmp_path / "dc.onnx"
     r.save(out)
     assert os.path.getsize(path) / os.path.getsize(out) >= 30
+    assert digits_accuracy(path) - digits_accuracy(str(out)) <= 0.01
+    onnx.checker.check_model(str(out), full_check=True)

@@ -24,7 +24,7 @@ same way, so the int8/int4 tensor that feeds a ``Cast -> Mul`` storage chain is 
 and the chain stays in place. The holes need not be zeros: the most frequent value is used when it is
 more frequent than zero (the int4 storage form's byte ``0x88`` for two pruned codes).
 
-The decode (``... -> Reshape [-> Cast back to int4/uint4]``) is written into the graph that holds
+The decode (``... -> Reshape (unless 1-D) [-> Cast back to int4/uint4]``) is written into the graph that holds
 the weight (If/Loop bodies included); its output takes the weight's name, so consumers and
 reports keep seeing the same tensor. Before anything is written, the numpy mirror of the decode is
 compared bit for bit with the original (a mismatch is a bug: PassError). Weights that are graph
@@ -111,16 +111,17 @@ class Encoding:
     def n_nodes(self, opset: int, pooled: bool = True) -> int:
         if self.is_dense:
             return 0
-        return (self.layout.n_nodes(opset, pooled) + self.values.n_nodes(opset, pooled) + 1
-                + bool(self.work.sub_byte_bits))
+        return (self.layout.n_nodes(opset, pooled) + self.values.n_nodes(opset, pooled)
+                + (len(self.work.shape) != 1) + bool(self.work.sub_byte_bits))
 
     def decode(self) -> np.ndarray:
         """The numpy mirror of :meth:`emit` (flat, work dtype)."""
         return self.layout.decode(self.values.decoded())
 
     def emit(self, b: DecodeBuilder) -> gs.Tensor:
-        flat = self.layout.emit(b, self.values.emit(b), self.work.flat.dtype)
-        out = b.op("Reshape", [flat, b.i64(list(self.work.shape), "shape")], "decoded")
+        out = self.layout.emit(b, self.values.emit(b), self.work.flat.dtype)
+        if len(self.work.shape) != 1:  # a 1-D weight (a bias) is decoded in its shape already
+            out = b.op("Reshape", [out, b.i64(list(self.work.shape), "shape")], "decoded")
         if self.work.sub_byte_bits:
             out = b.op("Cast", [out], "narrowed", to=self.work.onnx_dtype)
         return out

@@ -7,6 +7,10 @@
     * Weights listed as graph inputs (IR < 4 exporters list every initializer as an input) are
       already treated as weights by the importer (onnx-graphsurgeon drops them from the inputs, as
       onnxruntime's own tools do): they were optional overrides nobody feeds in practice.
+    * Attributes that restate the operator's default (``alpha=1.0``, ``transA=0`` on Gemm, as
+      exporters write them) are dropped: the schema of the model's opset gives the default, so the
+      meaning is unchanged; only attributes of default-domain ops with a scalar, string or list
+      default are compared, exactly (tensors and graphs never).
     * Dead nodes and unused initializers go in the pipeline's cleanup after this pass.
 
 ``dedupe_initializers``
@@ -68,6 +72,7 @@ class CleanupConfig(StepConfig):
     flag_help = "remove Identity nodes, dead nodes and unused initializers"
 
     remove_identity: bool = option(True, "bypass Identity nodes")
+    drop_default_attributes: bool = option(True, "drop attributes equal to the operator's default value")
 
 
 class CleanupPass(Pass):
@@ -89,6 +94,10 @@ class CleanupPass(Pass):
                             n += 1
             if n:
                 res.changed(f"{n} Identity nodes bypassed")
+        if cfg.drop_default_attributes and graph.opset:
+            n = sum(_drop_defaults(node, int(graph.opset)) for g in iter_graphs(graph) for node in g.nodes)
+            if n:
+                res.changed(f"{n} attributes equal to their defaults dropped")
         before = _count(graph)
         cleanup_graph(graph)
         after = _count(graph)
@@ -114,6 +123,41 @@ class CleanupPass(Pass):
         disconnect(node)
         replace_all_uses(y, x)
         return None
+
+
+def _default_of(op: str, opset: int, name: str):
+    """The schema default of attribute ``name`` of default-domain ``op`` at ``opset``, or None."""
+    try:
+        schema = onnx.defs.get_schema(op, opset, "")
+    except onnx.defs.SchemaError:
+        return None
+    attr = schema.attributes.get(name)
+    if attr is None or attr.default_value.type in (onnx.AttributeProto.UNDEFINED, onnx.AttributeProto.TENSOR,
+                                                   onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS,
+                                                   onnx.AttributeProto.TENSORS, onnx.AttributeProto.SPARSE_TENSOR):
+        return None
+    value = onnx.helper.get_attribute_value(attr.default_value)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _same(value, default) -> bool:
+    """Equal and of the same kind (an int attribute is never equal to a float default)."""
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return len(value) == len(default) and all(_same(a, b) for a, b in zip(value, default))
+    if isinstance(value, bool) or isinstance(default, bool):
+        return False
+    return type(value) is type(default) and value == default
+
+
+def _drop_defaults(node: gs.Node, opset: int) -> int:
+    """Remove ``node``'s attributes that equal their schema defaults; return how many."""
+    if (node.domain or "") not in ("", "ai.onnx"):
+        return 0
+    drop = [k for k, v in node.attrs.items()
+            if not isinstance(v, (gs.Tensor, gs.Graph)) and _same(v, _default_of(node.op, opset, k))]
+    for k in drop:
+        del node.attrs[k]
+    return len(drop)
 
 
 def _count(graph: gs.Graph) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from onnxcompress.quantize.storage import StoragePass
 from onnxcompress.prune.channels import PruneChannelsPass
 from onnxcompress.prune.dead import DropDeadChannelsPass
 from onnxcompress.fuse.neuron_merge import MergeNeuronsPass
-from onnxcompress.transfer.reconstruct import DistillPass
+from onnxcompress.transfer.reconstruct import DistillPass, RefitPrunedPass
 from onnxcompress.transfer.replay import ApplyPlanPass, WidthPass
 from onnxcompress.transfer.stages import CompressionStagesPass
 from onnxcompress.quantize.int4 import QuantizeInt4Pass
@@ -50,6 +50,7 @@ def _pass_classes() -> tuple[type[Pass], ...]:
         DropDeadChannelsPass,
         MergeNeuronsPass,
         DistillPass,
+        RefitPrunedPass,
         ApplyPlanPass,
         WidthPass,
         CompressionStagesPass,

@@ -11,8 +11,8 @@
     recorded step           replayed as
     ======================  ===================================================================
     ``prune_channels``,     the recorded kept channel indices per tensor (``details["groups"]
-    ``width``               [i]["keep"]``), applied through ``prune_channels``' dependency groups
-                            (every coupled tensor shrinks the same way); nothing is re-ranked
+    ``width``,              [i]["keep"]``), applied through ``prune_channels``' dependency groups
+    ``drop_dead_channels``  (every coupled tensor shrinks the same way); nothing is re-ranked
     ``sparsify``            each recorded tensor gets its recorded sparsity again
                             (``tensors[name]["sparsity"]``, ``"rule"``), pinned per layer; the
                             mask is re-derived by magnitude from the new weights (the plan
@@ -56,8 +56,10 @@ __all__ = ["ApplyPlanConfig", "ApplyPlanPass", "WidthConfig", "WidthPass", "load
 
 log = logging.getLogger("onnxcompress")
 
+#: passes that record kept channel indices per dependency group (``details["groups"][i]["keep"]``)
+CHANNEL_STEPS = ("prune_channels", "width", "drop_dead_channels")
 #: passes whose recorded per-layer choices are applied as they are (not recomputed)
-PINNED = ("prune_channels", "width", "sparsify")
+PINNED = (*CHANNEL_STEPS, "sparsify")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +212,7 @@ class ApplyPlanPass(Pass):
         tensors: dict[str, dict[str, Any]] = {}
         for i, step in enumerate(self.steps):
             name = step.config.name
-            if name in ("prune_channels", "width"):
+            if name in CHANNEL_STEPS:
                 p: Pass = _PinnedChannels(step)
                 mode = "pinned"
             elif name == "sparsify":

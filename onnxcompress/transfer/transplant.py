@@ -135,7 +135,8 @@ def _set_values(ref: WeightRef, values: np.ndarray) -> None:
 
 
 def _replay_channel_plan(src_graph: gs.Graph, dst: onnx.ModelProto) -> list[str]:
-    """Apply the destination plan's structured-pruning steps (``prune_channels`` / ``width``: kept
+    """Apply the destination plan's structured-pruning steps (``prune_channels`` / ``width`` /
+    ``drop_dead_channels``: kept
     indices per dependency group) to the source graph, so its weights get the destination's shapes
     and names; return the groups applied. A plan that does not fit the source changes nothing."""
     raw = next((p.value for p in dst.metadata_props if p.key == PLAN_KEY), None)
@@ -150,7 +151,7 @@ def _replay_channel_plan(src_graph: gs.Graph, dst: onnx.ModelProto) -> list[str]
     from onnxcompress.errors import OnnxCompressError
     from onnxcompress.passes.base import cleanup_graph
     from onnxcompress.prune.channels import replay_plan
-    from onnxcompress.transfer.replay import plan_steps
+    from onnxcompress.transfer.replay import CHANNEL_STEPS, plan_steps
 
     done: list[str] = []
     try:
@@ -158,7 +159,7 @@ def _replay_channel_plan(src_graph: gs.Graph, dst: onnx.ModelProto) -> list[str]
     except OnnxCompressError:
         return []
     for step in steps:
-        groups = step.details.get("groups") if step.config.name in ("prune_channels", "width") else None
+        groups = step.details.get("groups") if step.config.name in CHANNEL_STEPS else None
         if not groups:
             continue
         trial = src_graph.copy()
