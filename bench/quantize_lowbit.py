@@ -1,10 +1,13 @@
 """int4 and fp16/bf16 benchmark: onnxcompress against onnxruntime's own tools, side by side in one run.
 
 int4 (block 32, per model): onnxruntime ``MatMulNBitsQuantizer`` (RTN, asymmetric, the same block
-size) and onnxcompress ``quantize_int4`` with ``rtn``, ``search`` and (with the calibration split /
-seeded calibration feeds) ``gptq``, each at accuracy_level 4 and 0 — by default the output layer
-stays float (``keep_last``); the ``all-layers`` rows quantize it too, as onnxruntime's tool does — plus
-the whole ``--int4`` preset (embeddings included). fp16: onnxruntime's ``convert_float_to_float16(keep_io_types=True)`` against onnxcompress
+size; it quantizes MatMul nodes only) and onnxcompress ``quantize_int4`` with ``rtn``, ``search`` and
+(with the calibration split / seeded calibration feeds) ``gptq``, each at accuracy_level 4 and 0 — by
+default the output layer stays float (``keep_last``) and a small input layer gets 8 bits
+(``first_bits``); the ``all-layers`` rows quantize every MatMul/Gemm in 4 bits, the ``4-bit input``
+rows only turn the input-layer rule off. ``ours rtn alN`` is what the preset does without calibration
+data at that accuracy level; then the whole ``--int4`` preset (embeddings included, a small table in 8
+bits) with and without calibration data. fp16: onnxruntime's ``convert_float_to_float16(keep_io_types=True)`` against onnxcompress
 ``--fp16``, ``--fp16 --half-compute float`` and ``--bf16``. Columns: file size, task metric (digits
 accuracy on the fixed test split; for the synthetic models — a 512-1024-512 MLP and a BERT-shaped
 one-layer encoder with an exported-style attention mask, seeded random weights — cosine and top-1
@@ -165,11 +168,14 @@ def int4_variants(case: dict) -> dict:
     v = {}
     for al in (4, 0):
         v[f"ort-rtn al{al}"] = _ort_rtn(al)
-        v[f"ours rtn all-layers al{al}"] = _ours([C(method="rtn", accuracy_level=al, keep_last=False)])
-        v[f"ours search all-layers al{al}"] = _ours([C(method="search", accuracy_level=al, keep_last=False)])
+        every = dict(accuracy_level=al, keep_last=False, first_bits=4)
+        v[f"ours rtn all-layers al{al}"] = _ours([C(method="rtn", **every)])
+        v[f"ours search all-layers al{al}"] = _ours([C(method="search", **every)])
+        v[f"ours rtn 4-bit input al{al}"] = _ours([C(method="rtn", accuracy_level=al, first_bits=4)])
         v[f"ours rtn al{al}"] = _ours([C(method="rtn", accuracy_level=al)])
         v[f"ours search al{al}"] = _ours([C(method="search", accuracy_level=al)])
         v[f"ours gptq al{al}"] = _ours([C(method="gptq", accuracy_level=al)], data=True)
+    v["ours --int4 data-free (+embed)"] = _ours([C(), QuantizeEmbeddingConfig()])
     v["ours --int4 (+embed)"] = _ours([C(), QuantizeEmbeddingConfig()], data=True)
     return v
 
@@ -329,7 +335,7 @@ def main(argv=None) -> int:
             case = {SYNTHETIC: _synthetic, ENCODER: _encoder}.get(name, lambda w: _digits(name))(work)
             if case is None:
                 continue
-            if "int4" in args.tables and name != "cnn":
+            if "int4" in args.tables:
                 results[("int4", name)] = bench(case, int4_variants(case), work, rounds, reps)
             if "fp16" in args.tables:
                 results[("fp16", name)] = bench(case, fp16_variants(case), work, rounds, reps)
