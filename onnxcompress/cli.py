@@ -56,7 +56,11 @@ def _add_config_flags(group, cls, targets: dict[str, list[_Target]], owners: dic
         dest = flag.lstrip("-").replace("-", "_")
         if dest in targets:  # shared flag: one argparse option, several targets
             targets[dest].append(_Target(cls, f.name))
-            owners[dest] = None
+            owner = owners.get(dest)
+            # a config derived from the owner's (refit_pruned from distill) shares its flags; the flag
+            # still adds the owner's step, as before; flags shared by unrelated configs add none
+            if not (owner is not None and issubclass(cls, owner)):
+                owners[dest] = None
             continue
         targets[dest] = [_Target(cls, f.name)]
         owners[dest] = cls

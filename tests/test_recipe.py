@@ -88,3 +88,12 @@ def test_recipe_from_cli_matches_the_command():
 def test_print_recipe_round_trips():
     r = _from_cli(["--no-verify"])
     assert Recipe.from_dict(json.loads(r.to_json())) == r and r.verify.enabled is False
+
+
+def test_derived_config_shares_its_base_flags():
+    """refit_pruned (derived from distill) answers to --distill-ridge too; the flag alone still adds
+    distill, and a preset that has both steps gets the value in both."""
+    alone = Recipe.from_cli(["--distill-ridge", "0.01"])
+    assert alone.step("distill").ridge == 0.01 and alone.step("refit_pruned") is None
+    both = Recipe.from_cli(["--deep-compression", "--distill-ridge", "0.01"])
+    assert both.step("distill").ridge == 0.01 and both.step("refit_pruned").ridge == 0.01
