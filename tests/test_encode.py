@@ -448,3 +448,17 @@ def test_loop_body_weight_is_encoded_and_folds_inside_the_body():
     assert row["graph"] == "body" and row["encoded_bytes"] < 0.2 * row["dense_bytes"]
     assert "ScatterElements" in ops(out) and sorted(optimized_ops(out)) == sorted(optimized_ops(ref))
     assert_bit_identical(ref, out, feed(ref))
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_pooled_streams_split_by_attribute_or_input(opset):
+    """Two weights' streams of one width share one unpacking chain cut by one Split: its sizes are an
+    attribute below opset 13 and an input from 13 on; the outputs stay bit-identical."""
+    ref = sparse_mlp(sparsity=0.9, levels=16, opset=opset)
+    out, (res,) = apply_passes(ref, CompactStoragePass())
+    onnx.checker.check_model(out, full_check=True)
+    splits = [n for n in out.graph.node if n.op_type == "Split"]
+    assert splits and all(len(n.output) >= 2 for n in splits)
+    assert all((len(n.input) == 1) == (opset < 13) for n in splits)
+    assert_bit_identical(ref, out, feed(ref))
+    assert sorted(set(optimized_ops(out))) == sorted(set(optimized_ops(ref)))
