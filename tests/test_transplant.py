@@ -91,3 +91,30 @@ def test_cli_strict_fails_when_unmatched(tmp_path, capsys):
     onnx.save(_renamed(b.mlp(sizes=(16, 24, 8)), "z"), dst)
     assert main(["transfer", str(src), str(dst), str(tmp_path / "o.onnx"), "--strict"]) == 3
     assert "not matched" in capsys.readouterr().err and not (tmp_path / "o.onnx").exists()
+
+
+def test_encoded_destination_weights_are_reported_not_written(tmp_path, capsys):
+    """Into a --deep-compression result (compact-storage decode chains): the encoded layer weights are
+    listed with the --apply-plan hint, the constants inside the chains are not called unmatched, and
+    nothing is verified as if the result reproduced the source."""
+    from onnxcompress.api import compress
+    from onnxcompress.recipe import OutputConfig, VerifyConfig
+    from onnxcompress.recipes import preset_recipe
+
+    import transfer_models as tm
+    from onnxcompress.datasets import calibration_npz
+
+    src = tm.digits_mlp((64, 32))
+    calib = str(calibration_npz(tmp_path / "c.npz", src))
+    recipe = preset_recipe(["deep_compression"]).replace(verify=VerifyConfig(enabled=False),
+                                                          output=OutputConfig(embed_plan=True))
+    dst = compress(src, recipe, data=calib)
+    model, rep = transplant(src, dst.model)
+    assert sorted(rep.encoded) and all(not n.startswith("~") for n in rep.encoded)
+    assert not any(n.startswith("~") for n in rep.unmatched_dst)
+    assert "--apply-plan" in rep.summary()
+    onnx.save(src, tmp_path / "src.onnx")
+    dst.save(tmp_path / "dst.onnx")
+    assert main(["transfer", str(tmp_path / "src.onnx"), str(tmp_path / "dst.onnx"), str(tmp_path / "out.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "not verified" in out and "--apply-plan" in out

@@ -51,7 +51,7 @@ def _run(args) -> int:
     src = open_model(args.source)
     dst = open_model(args.destination)
     model, rep = transplant(src, dst, by_position=args.by_position)
-    unmatched = rep.unmatched_dst + rep.ambiguous + [m["tensor"] for m in rep.mismatched]
+    unmatched = rep.unmatched_dst + rep.ambiguous + [m["tensor"] for m in rep.mismatched] + rep.encoded
     if args.strict and unmatched:
         raise PreconditionError(f"{len(unmatched)} destination weights were not matched: "
                                 f"{', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}",

@@ -30,6 +30,13 @@ Matching, in order, each source and destination weight used at most once:
    ``scale = s_x · s_w``. Weights in other encodings (``Cast -> Mul`` storage chains, compact
    storage decode graphs, MatMulNBits) stay unmatched.
 
+5. **Encoded destination weights are reported, not written.** A layer weight that the destination
+   computes from constants through a decode chain (``compact_storage``'s sparse / codebook graphs,
+   ``Cast -> Mul`` storage) would have to be re-pruned, re-shared and re-encoded to take new values:
+   that is replaying the destination's plan on the source (``onnxcompress SRC OUT --apply-plan
+   DST``), which the report's ``encoded`` list and the CLI's hint point to. The constants inside
+   such chains (packed streams, codebooks, shapes) are not listed as unmatched weights.
+
 Weights are found with :func:`onnxcompress.graph.query.iter_weights`, so initializers, ``Constant``
 nodes and weights inside If/Loop/Scan bodies all take part. The result is the destination model with
 new values and a :class:`TransplantReport` listing matched (and how), unmatched and mismatched
@@ -71,6 +78,7 @@ class TransplantReport:
     ambiguous: list[str] = field(default_factory=list)
     unmatched_dst: list[str] = field(default_factory=list)
     unmatched_src: list[str] = field(default_factory=list)
+    encoded: list[str] = field(default_factory=list)  # destination weights decoded from constants at load
 
     @property
     def matched(self) -> int:
@@ -90,13 +98,17 @@ class TransplantReport:
             "ambiguous": self.ambiguous,
             "unmatched_dst": self.unmatched_dst,
             "unmatched_src": self.unmatched_src,
+            "encoded": self.encoded,
         }
 
     def summary(self) -> str:
         return (f"matched {self.matched} (by name {len(self.by_name)}, by position {len(self.by_position)}, "
                 f"through the plan {len(self.by_plan)}, re-quantized {len(self.requantized)}); mismatched {len(self.mismatched)}, "
                 f"ambiguous {len(self.ambiguous)}, unmatched in destination {len(self.unmatched_dst)}, "
-                f"unused from source {len(self.unmatched_src)}")
+                f"unused from source {len(self.unmatched_src)}"
+                + (f"; {len(self.encoded)} destination weights are encoded (decoded from constants at load) and "
+                   "were not written: to give them the source's values, replay the destination's plan on the "
+                   "source (onnxcompress SRC OUT --apply-plan DST)" if self.encoded else ""))
 
 
 def position_keys(graph: gs.Graph, refs: list[WeightRef]) -> dict[int, tuple]:
@@ -124,6 +136,40 @@ def position_keys(graph: gs.Graph, refs: list[WeightRef]) -> dict[int, tuple]:
         slot = next(i for i, t in enumerate(node.inputs) if t is r.tensor)
         keys[id(r)] = (node.op, slot, ordinal.get(id(node), -1), r.shape, str(r.dtype))
     return keys
+
+
+_LAYER_SLOTS = {"MatMul": (1,), "Gemm": (1, 2), "Conv": (1, 2), "ConvTranspose": (1, 2), "Gather": (0,)}
+
+
+def _encoded_weights(graph: gs.Graph) -> tuple[list[str], set[int]]:
+    """``(names, ids)``: the layer weights that ``graph`` computes from constants through a decode
+    chain other than DequantizeLinear (compact storage, Cast -> Mul storage), and the ids of every
+    tensor inside those chains (their packed streams, codebooks and shape constants)."""
+    names: list[str] = []
+    inside: set[int] = set()
+    for g in iter_graphs(graph):
+        derived: dict[int, gs.Node] = {}  # variable -> its producer, for variables computed from constants only
+        for node in g.nodes:  # topological order (the pipeline and the importer keep graphs sorted)
+            if node.inputs and all(isinstance(t, gs.Constant) or id(t) in derived or not t.name
+                                   for t in node.inputs) and not node.attrs.get("body"):
+                for t in node.outputs:
+                    derived[id(t)] = node
+        for node in g.nodes:
+            for slot in _LAYER_SLOTS.get(node.op, ()):
+                t = node.inputs[slot] if slot < len(node.inputs) else None
+                if t is None or id(t) not in derived or derived[id(t)].op == "DequantizeLinear" \
+                        or t.name in names:
+                    continue
+                names.append(t.name)
+                stack = [derived[id(t)]]
+                while stack:
+                    n = stack.pop()
+                    for i in n.inputs:
+                        if id(i) not in inside:
+                            inside.add(id(i))
+                            if id(i) in derived:
+                                stack.append(derived[id(i)])
+    return names, inside
 
 
 def _set_values(ref: WeightRef, values: np.ndarray) -> None:
@@ -227,9 +273,11 @@ def transplant(source: ModelLike, destination: ModelLike, *, by_position: bool =
     src_graph, dst_graph = model_to_graph(src_ms), model_to_graph(dst_ms)
     rep_groups = _replay_channel_plan(src_graph, dst_ms.model)
     src_refs = list(iter_weights(src_graph))
-    dst_refs = list(iter_weights(dst_graph))
+    encoded, inside = _encoded_weights(dst_graph)
+    dst_refs = [r for r in iter_weights(dst_graph) if id(r.tensor) not in inside]
     slices = _plan_slices(dst_ms.model)
     rep = TransplantReport()
+    rep.encoded = encoded
     rep.plan_replayed = rep_groups
     src_by_name = {r.name: r for r in src_refs}
     used_src: set[int] = set()
