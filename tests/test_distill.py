@@ -2,7 +2,8 @@
 
 Three ways: the structure stays (same ops, the sparsity mask, the codebook size, the int8 grid);
 the numbers get better (digits accuracy on the fixed test split, output error against the teacher);
-and the pass declines when it should (no data, shared weight, no teacher tensor, grouped conv).
+and the pass declines when it should (no data, shared weight, no teacher tensor, a grouped conv behind
+DequantizeLinear).
 """
 
 from __future__ import annotations
@@ -262,17 +263,64 @@ def test_declines_layer_without_teacher_tensor(calib):
     assert res.details["layers"][0]["target"] == "y"  # MatMul + Add(bias): the Add's output is the target
 
 
-def test_declines_grouped_conv(calib):
-    w = np.random.default_rng(0).standard_normal((4, 1, 3, 3)).astype(np.float32)
-    node = helper.make_node("Conv", ["x", "w"], ["y"], group=4, pads=[1, 1, 1, 1], name="dw")
-    g = helper.make_graph([node], "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])],
-                          [numpy_helper.from_array(w, "w")])
+def _grouped_net(w1: np.ndarray, w2: np.ndarray, *, dq: bool = False) -> onnx.ModelProto:
+    """x[N,4,6,6] -> Conv(group=2, 4->8) -> Relu -> depthwise Conv(group=8) -> y (weights given)."""
+    inits = [numpy_helper.from_array(w1, "w1")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], group=2, pads=[1, 1, 1, 1], name="grouped"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu")]
+    if dq:
+        scale = np.float32(np.abs(w2).max() / 127)
+        inits += [numpy_helper.from_array(np.round(w2 / scale).astype(np.int8), "w2_q"),
+                  numpy_helper.from_array(np.array(scale, np.float32), "w2_s")]
+        nodes.append(helper.make_node("DequantizeLinear", ["w2_q", "w2_s"], ["w2"], name="dq"))
+    else:
+        inits.append(numpy_helper.from_array(w2, "w2"))
+    nodes.append(helper.make_node("Conv", ["r1", "w2"], ["y"], group=8, pads=[1, 1, 1, 1], name="depthwise"))
+    g = helper.make_graph(nodes, "grouped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
-    feeds = [{"x": np.ones((2, 4, 5, 5), np.float32)}]
-    _, res = _distill(m, m, feeds)
-    assert not res.modified and res.skipped[0].reason == "grouped convolution"
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_grouped_and_depthwise_convs_are_repaired_within_their_groups():
+    """A perturbed dense student is refitted back to the teacher's weights exactly (so the block-diagonal
+    mapping of groups to im2col columns is right); a pruned one keeps its zeros and gets closer."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    teacher = _grouped_net(w1, w2)
+    feeds = [{"x": rng.standard_normal((16, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    noisy = _grouped_net(w1 + 0.3 * rng.standard_normal(w1.shape).astype(np.float32),
+                         w2 + 0.3 * rng.standard_normal(w2.shape).astype(np.float32))
+    exact, res = _distill(noisy, teacher, feeds, DistillConfig(ridge=0.0))
+    assert {r["node"] for r in res.details["layers"] if r["refit"]} == {"grouped", "depthwise"}
+    np.testing.assert_allclose(_weights(exact)["w1"], w1, atol=1e-4)
+    np.testing.assert_allclose(_weights(exact)["w2"], w2, atol=1e-4)
+
+    def smooth(n):  # neighbouring pixels correlate, so kept weights can stand in for pruned ones
+        return np.kron(rng.standard_normal((n, 4, 3, 3)), np.ones((1, 1, 2, 2))).astype(np.float32)
+
+    student = _grouped_net(tm.magnitude_prune(w1, 0.5), tm.magnitude_prune(w2, 0.5))
+    repaired, res = _distill(student, teacher, [{"x": smooth(16)} for _ in range(4)])
+    rows = {r["node"]: r for r in res.details["layers"]}
+    assert all(r["refit"] and r["error_after"] < 0.85 * r["error_before"] for r in rows.values())
+    before, after = _weights(student), _weights(repaired)
+    for name in ("w1", "w2"):
+        assert after[name].shape == before[name].shape
+        assert np.all(after[name][before[name] == 0] == 0), f"{name}: a pruned position came back"
+    x = {"x": smooth(8)}
+    (t,), (s,), (r,) = (builders.run(m, x) for m in (teacher, student, repaired))
+    assert np.abs(r - t).mean() < 0.9 * np.abs(s - t).mean()
+
+
+def test_declines_grouped_conv_behind_dequantize_linear():
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.standard_normal((8, 2, 3, 3)).astype(np.float32), rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    m = _grouped_net(w1, w2, dq=True)
+    _, res = _distill(m, m, [{"x": np.ones((2, 4, 6, 6), np.float32)}])
+    assert {s.node: s.reason for s in res.skipped}["depthwise"] == "grouped convolution behind DequantizeLinear"
 
 
 # -- through the CLI ----------------------------------------------------------------------------

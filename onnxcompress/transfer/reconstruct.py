@@ -1,7 +1,7 @@
 """``distill``: repair a compressed student from the original (teacher) model, layer by layer.
 
 After the lossy passes (pruning, sparsity, weight sharing, quantization), each linear layer of the
-student — ``Gemm``, ``MatMul`` with a constant right operand, ``Conv`` with ``group = 1`` — is refitted
+student — ``Gemm``, ``MatMul`` with a constant right operand, ``Conv`` (grouped and depthwise too) — is refitted
 so that its output matches the teacher's activation of the same name on the calibration data.
 
 For one layer with output rows ``y = A·w_o + b_o`` (``A`` = the layer's input rows: ``X`` for
@@ -44,7 +44,9 @@ same streamed sums; the chosen map is recorded in ``details["layers"]``.
 May I? The layer is in the top-level graph; its weight (and bias) are constants (or a
 ``DequantizeLinear`` of constants) that only this layer reads and that are not graph outputs; the
 teacher has a tensor with the layer output's name and at least as many channels; Gemm has
-``alpha = beta = 1`` and ``transA = 0``; Conv has ``group = 1`` and explicit (``NOTSET``) padding.
+``alpha = beta = 1`` and ``transA = 0``; Conv has explicit (``NOTSET``) padding, and a grouped Conv a
+float weight (not behind DequantizeLinear). A grouped Conv's rows span all input channels and are
+zero outside their group (block diagonal), so the masked solve keeps every output in its group.
 Otherwise the layer is a Skip with the reason. Without calibration data the pass declines as a
 whole (a Skip and a note).
 """
@@ -114,6 +116,7 @@ class Layer:
     kind: str                            # "gemm_t" ([O, K]), "kn" ([K, O]), "conv" ([O, C, kh, kw])
     dq: gs.Node | None = None            # DequantizeLinear producing the weight, if any
     bias_dq: gs.Node | None = None       # DequantizeLinear (int32) producing the bias, if any
+    group: int = 1                       # Conv groups: rows span all input channels, zero outside their group
     teacher: str = ""                    # the teacher tensor the target is compared with
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -177,8 +180,9 @@ def _check_layer(node: gs.Node, graph: gs.Graph) -> tuple[Layer | None, str | No
                     and not is_graph_io(other, graph):
                 bias, target = other, add.outputs[0]
     elif node.op == "Conv":
-        if int(node.attrs.get("group", 1)) != 1:
-            return None, "grouped convolution"
+        group = int(node.attrs.get("group", 1))
+        if group != 1 and producer(w) is not None and producer(w).op == "DequantizeLinear":
+            return None, "grouped convolution behind DequantizeLinear"
         ap = node.attrs.get("auto_pad", "NOTSET")
         if isinstance(ap, bytes):
             ap = ap.decode()
@@ -199,8 +203,12 @@ def _check_layer(node: gs.Node, graph: gs.Graph) -> tuple[Layer | None, str | No
         if any(c is not node and not (c.op == "Add" and c.outputs and c.outputs[0] is target) for c in bias.outputs) \
                 or is_graph_io(bias, graph):
             return None, f"bias {bias.name!r} is shared"
-        return Layer(node, x, target, w, bias, kind, dq, bias_dq), None
-    return Layer(node, x, target, w, bias, kind, dq), None
+        return Layer(node, x, target, w, bias, kind, dq, bias_dq, group=_group(node)), None
+    return Layer(node, x, target, w, bias, kind, dq, group=_group(node)), None
+
+
+def _group(node: gs.Node) -> int:
+    return int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
 
 
 def _teacher_tensor(layer: Layer, teacher: onnx.ModelProto) -> str | None:
@@ -274,16 +282,31 @@ def _current_weight(layer: Layer, graph: gs.Graph) -> np.ndarray:
     return np.asarray(weight_ref(layer.weight, graph).values, np.float64)
 
 
-def _to_rows(w: np.ndarray, kind: str) -> np.ndarray:
+def _to_rows(w: np.ndarray, kind: str, group: int = 1) -> np.ndarray:
+    """Output channels as rows. A grouped Conv's weight ``[O, C/g, k...]`` becomes ``[O, C·K]`` over all
+    ``C`` input channels (the im2col columns, channel-major), zero outside each row's group: block
+    diagonal, so the masked solve never gives a row an input from another group."""
     if kind == "kn":
         return w.T
-    return w.reshape(w.shape[0], -1)
+    if group == 1:
+        return w.reshape(w.shape[0], -1)
+    o, cg, k = w.shape[0], w.shape[1], int(np.prod(w.shape[2:]))
+    per = o // group
+    full = np.zeros((o, group * cg * k), dtype=w.dtype)
+    for g in range(group):
+        full[g * per:(g + 1) * per, g * cg * k:(g + 1) * cg * k] = w[g * per:(g + 1) * per].reshape(per, cg * k)
+    return full
 
 
-def _from_rows(rows: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+def _from_rows(rows: np.ndarray, kind: str, shape: tuple[int, ...], group: int = 1) -> np.ndarray:
     if kind == "kn":
         return rows.T.reshape(shape)
-    return rows.reshape(shape)
+    if group == 1:
+        return rows.reshape(shape)
+    o, cg, k = shape[0], shape[1], int(np.prod(shape[2:]))
+    per = o // group
+    blocks = [rows[g * per:(g + 1) * per, g * cg * k:(g + 1) * cg * k] for g in range(group)]
+    return np.concatenate(blocks, axis=0).reshape(shape)
 
 
 def _set_const(t: gs.Tensor, graph: gs.Graph, values: np.ndarray) -> None:
@@ -300,7 +323,8 @@ def _set_const(t: gs.Tensor, graph: gs.Graph, values: np.ndarray) -> None:
 
 
 def im2col(x: np.ndarray, w_shape: tuple[int, ...], attrs: dict) -> np.ndarray:
-    """Rows ``[N·Ho·Wo…, C·k…]`` of a group-1 Conv's input patches, in the weight's flattening order."""
+    """Rows ``[N·Ho·Wo…, C·k…]`` of a Conv's input patches over all ``C`` input channels, in the
+    weight's flattening order (a grouped Conv's rows are block diagonal over these columns)."""
     k = tuple(w_shape[2:])
     nd = len(k)
     strides = list(attrs.get("strides", [1] * nd))
@@ -573,7 +597,7 @@ class DistillPass(Pass):
         cfg: DistillConfig = self.config
         _, files, index = batches
         w = _current_weight(layer, graph)
-        rows = _to_rows(w, layer.kind)
+        rows = _to_rows(w, layer.kind, layer.group)
         bias = None
         if layer.bias_dq is not None:
             bias = dq_params(layer.bias_dq, graph)[0].reshape(-1)
@@ -653,7 +677,7 @@ class DistillPass(Pass):
                 sc, z = (s_rows, z_rows) if cols is None else (s_rows[cols], z_rows[cols])
                 return (np.clip(np.round(v / sc + z), info.min, info.max) - z) * sc
             return snap_int
-        old = _to_rows(_current_weight(layer, graph), layer.kind)
+        old = _to_rows(_current_weight(layer, graph), layer.kind, layer.group)
         kept = old[mask]
         centres = np.unique(kept)
         if not (0 < centres.size <= cfg.max_codebook and centres.size < kept.size):
@@ -687,7 +711,7 @@ class DistillPass(Pass):
             w = _from_rows(new[:, :-1], layer.kind, q.shape)
             _set_const(layer.dq.inputs[0], graph, np.clip(np.round(w / scale + zp), info.min, info.max).astype(q.dtype))
         else:
-            _set_const(layer.weight, graph, _from_rows(new[:, :-1], layer.kind, shape))
+            _set_const(layer.weight, graph, _from_rows(new[:, :-1], layer.kind, shape, layer.group))
         if has_bias and layer.bias_dq is not None:  # int32 bias: on its own (fine) grid
             _, scale, zp = dq_params(layer.bias_dq, graph)
             q = np.asarray(weight_ref(layer.bias_dq.inputs[0], graph).values)
