@@ -17,16 +17,10 @@ import argparse
 import dataclasses
 import datetime
 import logging
-import sys
-from pathlib import Path
 
 import onnx
 
 from _docs import machine, write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 SECTION = "int4-block-sizes"
 MODELS = ("mlp", "cnn", "transformer")

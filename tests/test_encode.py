@@ -243,7 +243,7 @@ def _decode_all(arr: np.ndarray, opset: int) -> None:
     outs = []
     for i, enc in enumerate(cands):
         np.testing.assert_array_equal(enc.decode().view(np.uint8), work.flat.view(np.uint8))
-        bld = DecodeBuilder(graph, namer, f"w{i}", opset)
+        bld = DecodeBuilder(graph, namer, opset)
         t = enc.emit(bld)
         y = gs.Variable(f"y{i}", dtype=arr.dtype, shape=list(arr.shape))
         graph.nodes.append(gs.Node("Identity", inputs=[t], outputs=[y]))

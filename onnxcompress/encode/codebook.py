@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.encode.decoder import DecodeBuilder, stream_nodes
+from onnxcompress.encode.decoder import DecodeBuilder, STREAM_NODES
 from onnxcompress.encode.packing import bits_for, pack_bits, packed_nbytes
 
 __all__ = ["WorkArray", "work_array", "RawValues", "CodebookValues", "codebook_values", "bit_keys"]
@@ -87,7 +87,7 @@ class RawValues:
     def nbytes(self) -> int:
         return packed_nbytes(self.values.size, self.sub_byte_bits or self.values.dtype.itemsize * 8)
 
-    def n_nodes(self, opset: int, pooled: bool = False) -> int:
+    def n_nodes(self, opset: int) -> int:
         return 1 if self.sub_byte_bits else 0
 
     def decoded(self) -> np.ndarray:
@@ -95,12 +95,12 @@ class RawValues:
 
     def emit(self, b: DecodeBuilder) -> gs.Tensor:
         if not self.sub_byte_bits:
-            return b.const(self.values, "values")
+            return b.const(self.values)
         mask = (1 << self.sub_byte_bits) - 1
         packed = pack_bits(self.values.astype(np.uint8) & np.uint8(mask), self.sub_byte_bits)
-        src = b.packed_const(packed, self.onnx_dtype, self.values.size, "values")
+        src = b.packed_const(packed, self.onnx_dtype, self.values.size)
         work = onnx.helper.np_dtype_to_tensor_dtype(self.values.dtype)
-        return b.op("Cast", [src], "values_wide", to=work)
+        return b.op("Cast", [src], to=work)
 
 
 @dataclass(frozen=True)
@@ -119,15 +119,15 @@ class CodebookValues:
     def nbytes(self) -> int:
         return self.codebook.nbytes + packed_nbytes(self.indices.size, self.bits)
 
-    def n_nodes(self, opset: int, pooled: bool = False) -> int:
-        return 1 + stream_nodes(self.indices.size, self.bits, opset, pooled=pooled)
+    def n_nodes(self, opset: int) -> int:
+        return 1 + STREAM_NODES
 
     def decoded(self) -> np.ndarray:
         return self.codebook[self.indices]
 
     def emit(self, b: DecodeBuilder) -> gs.Tensor:
-        idx = b.uint_stream(self.indices, self.bits, "codes")
-        return b.op("Gather", [b.const(self.codebook, "codebook"), idx], "codebook_values", axis=0)
+        idx = b.uint_stream(self.indices, self.bits)
+        return b.op("Gather", [b.const(self.codebook), idx], axis=0)
 
 
 def codebook_values(values: np.ndarray, *, max_size: int = 256, probe: int = 4096,

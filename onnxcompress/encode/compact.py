@@ -108,10 +108,10 @@ class Encoding:
     def nbytes(self) -> int:
         return self.work.nbytes if self.is_dense else self.layout.nbytes + self.values.nbytes
 
-    def n_nodes(self, opset: int, pooled: bool = True) -> int:
+    def n_nodes(self, opset: int) -> int:
         if self.is_dense:
             return 0
-        return (self.layout.n_nodes(opset, pooled) + self.values.n_nodes(opset, pooled)
+        return (self.layout.n_nodes(opset) + self.values.n_nodes(opset)
                 + (len(self.work.shape) != 1) + bool(self.work.sub_byte_bits))
 
     def decode(self) -> np.ndarray:
@@ -121,9 +121,9 @@ class Encoding:
     def emit(self, b: DecodeBuilder) -> gs.Tensor:
         out = self.layout.emit(b, self.values.emit(b), self.work.flat.dtype)
         if len(self.work.shape) != 1:  # a 1-D weight (a bias) is decoded in its shape already
-            out = b.op("Reshape", [out, b.i64(list(self.work.shape), "shape")], "decoded")
+            out = b.op("Reshape", [out, b.i64(list(self.work.shape))])
         if self.work.sub_byte_bits:
-            out = b.op("Cast", [out], "narrowed", to=self.work.onnx_dtype)
+            out = b.op("Cast", [out], to=self.work.onnx_dtype)
         return out
 
 
@@ -243,7 +243,7 @@ class CompactStoragePass(Pass):
             raise PassError(f"the {enc.label} encoding of {ref.name!r} does not decode to the original bits",
                             where="compact_storage", hint="leave compact_storage out of the recipe and report this bug")
         original = ref.tensor.name
-        b = DecodeBuilder(ref.graph, namer, original, opset, shared, pools)
+        b = DecodeBuilder(ref.graph, namer, opset, shared, pools)
         out = enc.emit(b)
         ref.tensor.name = namer.fresh(original, "dense")
         out.name = original

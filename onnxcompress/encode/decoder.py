@@ -13,8 +13,8 @@ when the session is created.
 indices, gaps, a bitmask), and unpacking one takes four to six nodes — about 200 bytes of file, as
 much as the packed data of a small layer. With a :class:`StreamPools` (what ``compact_storage``
 passes), every stream of the same bit width in one graph is appended to one packed constant,
-unpacked by one chain and cut apart by one ``Split`` (sizes = the streams' lengths, plus the
-padding the packing added): a further stream costs one ``Split`` output instead of a chain.
+unpacked by one chain (whose Slice drops the packing's padding) and cut apart by one ``Split``
+(sizes = the streams' lengths): a further stream costs one ``Split`` output instead of a chain.
 :meth:`StreamPools.finish` writes the packed constants once every weight is encoded.
 
 Packed sub-byte tensors (``UINT4`` / ``UINT2``) are written as ready-made TensorProtos wrapped in
@@ -33,153 +33,125 @@ from onnxcompress.encode.packing import byte_aligned, native_packed_dtype, pack_
 from onnxcompress.graph.naming import Namer
 from onnxcompress.graph.rewrite import replace_all_uses
 
-__all__ = ["DecodeBuilder", "StreamPools", "stream_nodes"]
+__all__ = ["DecodeBuilder", "StreamPools", "STREAM_NODES"]
 
 
-def stream_nodes(count: int, bits: int, opset: int, *, pooled: bool = False) -> int:
-    """How many nodes :meth:`DecodeBuilder.uint_stream` makes (for the size estimate); a pooled
-    stream is counted as one (its share of the pool's chain and its ``Split`` output)."""
-    if pooled:
-        return 1
-    if bits == 8 or native_packed_dtype(bits, opset) is not None:
-        return 1
-    if not byte_aligned(bits):
-        return 5 + (count % 8 != 0)
-    return 4 + (count % (8 // bits) != 0)
+#: the decode nodes a packed stream is counted as in size estimates: ``compact_storage`` pools its
+#: streams, so one stream costs its share of the pool's chain and one ``Split`` output
+STREAM_NODES = 1
 
 
 class DecodeBuilder:
-    """Appends the decode nodes of one weight (``base``: its name, for messages) to ``graph``."""
+    """Appends the decode nodes of one weight to ``graph``."""
 
     #: constants up to this many bytes are shared between the decoders of one graph
     SHARED_BYTES = 64
 
-    def __init__(self, graph: gs.Graph, namer: Namer, base: str, opset: int,
-                 shared: dict | None = None, pools: "StreamPools | None" = None) -> None:
+    def __init__(self, graph: gs.Graph, namer: Namer, opset: int, shared: dict | None = None,
+                 pools: "StreamPools | None" = None) -> None:
         self.graph = graph
         self.namer = namer
-        self.base = base
         self.opset = opset
-        self.nodes: list[gs.Node] = []
         self.shared = shared if shared is not None else {}
         self.pools = pools
 
-    def _name(self) -> str:
-        return self.namer.short()
-
-    def const(self, values: np.ndarray, suffix: str) -> gs.Constant:
+    def const(self, values: np.ndarray) -> gs.Constant:
         values = np.ascontiguousarray(values)
         key = None
         if values.nbytes <= self.SHARED_BYTES:
             key = (id(self.graph), values.dtype.str, values.shape, values.tobytes())
             if key in self.shared:
                 return self.shared[key]
-        c = gs.Constant(self._name(), values)
+        c = gs.Constant(self.namer.short(), values)
         if key is not None:
             self.shared[key] = c
         return c
 
-    def packed_const(self, packed: np.ndarray, data_type: int, count: int, suffix: str) -> gs.Constant:
+    def packed_const(self, packed: np.ndarray, data_type: int, count: int) -> gs.Constant:
         """A constant of a packed sub-byte ONNX type holding ``count`` elements in ``packed`` bytes."""
-        name = self._name()
+        name = self.namer.short()
         proto = onnx.helper.make_tensor(name, data_type, [count], np.ascontiguousarray(packed, np.uint8).tobytes(),
                                         raw=True)
         return gs.Constant(name, LazyValues(proto))
 
-    def op(self, op: str, inputs: list[gs.Tensor], suffix: str, **attrs) -> gs.Variable:
-        out = gs.Variable(self._name())
+    def op(self, op: str, inputs: list[gs.Tensor], **attrs) -> gs.Variable:
+        out = gs.Variable(self.namer.short())
         node = gs.Node(op, name="", attrs=attrs, inputs=list(inputs), outputs=[out])
         self.graph.nodes.append(node)
-        self.nodes.append(node)
         return out
 
-    def i64(self, values, suffix: str) -> gs.Constant:
-        return self.const(np.asarray(values, dtype=np.int64), suffix)
+    def i64(self, values) -> gs.Constant:
+        return self.const(np.asarray(values, dtype=np.int64))
 
-    def uint_stream(self, values: np.ndarray, bits: int, suffix: str) -> gs.Variable:
+    def uint_stream(self, values: np.ndarray, bits: int) -> gs.Variable:
         """An int64 tensor [count] decoding unsigned ints ``< 2**bits`` stored packed (appended to the
         graph's pool of ``bits``-bit streams when the builder has pools)."""
         if self.pools is not None:
             return self.pools.add(self, values, bits)
-        return self.unpack(values, bits, suffix)
+        return self.unpack(values, bits)
 
-    def unpack(self, values: np.ndarray, bits: int, suffix: str) -> gs.Variable:
+    def unpack(self, values: np.ndarray, bits: int) -> gs.Variable:
         """The unpacking chain of one packed stream (see :mod:`onnxcompress.encode.packing`)."""
         count = int(values.size)
         if bits == 8:
-            src = self.const(values.astype(np.uint8), suffix)
-            return self.op("Cast", [src], f"{suffix}_i64", to=onnx.TensorProto.INT64)
+            src = self.const(values.astype(np.uint8))
+            return self.op("Cast", [src], to=onnx.TensorProto.INT64)
         packed = pack_bits(values, bits)
         native = native_packed_dtype(bits, self.opset)
         if native is not None:
-            src = self.packed_const(packed, native, count, suffix)
-            return self.op("Cast", [src], f"{suffix}_i64", to=onnx.TensorProto.INT64)
+            src = self.packed_const(packed, native, count)
+            return self.op("Cast", [src], to=onnx.TensorProto.INT64)
         if not byte_aligned(bits):
-            return self._word_stream(packed, bits, count, suffix)
+            return self._word_stream(packed, bits, count)
         per = 8 // bits
-        src = self.const(packed.reshape(-1, 1), f"{suffix}_packed")
-        shifts = self.const((np.arange(per) * bits).astype(np.uint8), f"{suffix}_shifts")
-        shifted = self.op("BitShift", [src, shifts], f"{suffix}_shifted", direction="RIGHT")
-        mod = self.op("Mod", [shifted, self.const(np.array(1 << bits, np.uint8), f"{suffix}_modulus")],
-                      f"{suffix}_digits")
-        flat = self.op("Reshape", [mod, self.i64([-1], f"{suffix}_flat_shape")], f"{suffix}_flat")
+        src = self.const(packed.reshape(-1, 1))
+        shifts = self.const((np.arange(per) * bits).astype(np.uint8))
+        shifted = self.op("BitShift", [src, shifts], direction="RIGHT")
+        mod = self.op("Mod", [shifted, self.const(np.array(1 << bits, np.uint8))])
+        flat = self.op("Reshape", [mod, self.i64([-1])])
         if packed.size * per != count:
-            flat = self.op("Slice", [flat, self.i64([0], f"{suffix}_start"), self.i64([count], f"{suffix}_end")],
-                           f"{suffix}_sliced")
-        return self.op("Cast", [flat], f"{suffix}_i64", to=onnx.TensorProto.INT64)
+            flat = self.op("Slice", [flat, self.i64([0]), self.i64([count])])
+        return self.op("Cast", [flat], to=onnx.TensorProto.INT64)
 
-    def _word_stream(self, packed: np.ndarray, bits: int, count: int, suffix: str) -> gs.Variable:
+    def _word_stream(self, packed: np.ndarray, bits: int, count: int) -> gs.Variable:
         """3, 5, 6 or 7 bits: each row of ``bits`` bytes is one integer holding 8 elements."""
-        src = self.const(packed.reshape(-1, bits), f"{suffix}_packed")
-        wide = self.op("Cast", [src], f"{suffix}_wide", to=onnx.TensorProto.INT64)
-        word = self.op("MatMul", [wide, self.i64((256 ** np.arange(bits)).reshape(bits, 1), "radix")], "word")
-        shifted = self.op("Div", [word, self.i64(2 ** (bits * np.arange(8)), "powers")], f"{suffix}_shifted")
-        digits = self.op("Mod", [shifted, self.i64(1 << bits, "modulus")], f"{suffix}_digits")
-        flat = self.op("Reshape", [digits, self.i64([-1], "flat_shape")], f"{suffix}_flat")
+        src = self.const(packed.reshape(-1, bits))
+        wide = self.op("Cast", [src], to=onnx.TensorProto.INT64)
+        word = self.op("MatMul", [wide, self.i64((256 ** np.arange(bits)).reshape(bits, 1))])
+        shifted = self.op("Div", [word, self.i64(2 ** (bits * np.arange(8)))])
+        digits = self.op("Mod", [shifted, self.i64(1 << bits)])
+        flat = self.op("Reshape", [digits, self.i64([-1])])
         if packed.size // bits * 8 != count:
-            flat = self.op("Slice", [flat, self.i64([0], "start"), self.i64([count], "end")], f"{suffix}_sliced")
+            flat = self.op("Slice", [flat, self.i64([0]), self.i64([count])])
         return flat
 
 
 class StreamPools:
     """The pooled packed streams of one ``compact_storage`` run: one pool per (graph, bit width).
 
-    :meth:`add` records a stream and returns its ``Split`` output at once (so the weight's decode
-    can be built on it); :meth:`finish` then builds each pool's constant and unpacking chain and
-    sets the ``Split`` sizes. A pool of a single stream is unpacked directly, without a ``Split``.
+    :meth:`add` records a stream and returns the tensor that will hold it (so the weight's decode can
+    be built on it at once); :meth:`finish` builds each pool's constant and unpacking chain and cuts
+    it with one ``Split`` into those tensors — or, for a pool of one stream, lets its reader read the
+    chain itself.
     """
 
     def __init__(self) -> None:
-        self._pools: dict[tuple[int, int], dict] = {}
+        self._pools: dict[tuple[int, int], tuple[DecodeBuilder, list[np.ndarray], list[gs.Variable]]] = {}
 
     def add(self, b: DecodeBuilder, values: np.ndarray, bits: int) -> gs.Variable:
-        key = (id(b.graph), bits)
-        pool = self._pools.get(key)
-        if pool is None:
-            split = gs.Node("Split", name="", attrs={"axis": 0}, inputs=[], outputs=[])
-            b.graph.nodes.append(split)
-            pool = self._pools[key] = {"builder": b, "bits": bits, "parts": [], "split": split}
-        pool["parts"].append(np.asarray(values, np.uint8).ravel())
-        out = gs.Variable(b.namer.short())  # no dtype: it would only add a value_info entry
-        pool["split"].outputs.append(out)
-        return out
+        _, parts, outs = self._pools.setdefault((id(b.graph), bits), (b, [], []))
+        parts.append(np.asarray(values, np.uint8).ravel())
+        outs.append(gs.Variable(b.namer.short()))  # no dtype: it would only add a value_info entry
+        return outs[-1]
 
     def finish(self) -> None:
-        """Write every pool's packed constant and chain (idempotent: pools are emptied)."""
-        for pool in self._pools.values():
-            b: DecodeBuilder = pool["builder"]
-            parts, split = pool["parts"], pool["split"]
-            values = np.concatenate(parts)
-            decoded = b.unpack(values, pool["bits"], "pool")
-            if len(parts) == 1:  # nothing to cut apart: consumers read the chain itself
-                replace_all_uses(split.outputs[0], decoded)
-                split.outputs.clear()
-                b.graph.nodes.remove(split)
+        """Write every pool's packed constant and chain (pools are emptied)."""
+        for (_, bits), (b, parts, outs) in self._pools.items():
+            decoded = b.unpack(np.concatenate(parts), bits)
+            if len(parts) == 1:  # nothing to cut apart
+                replace_all_uses(outs[0], decoded)
                 continue
             sizes = [int(p.size) for p in parts]
-            split.inputs = [decoded]
-            if b.opset >= 13:
-                split.inputs.append(b.i64(sizes, "sizes"))
-            else:
-                split.attrs["split"] = sizes
+            inputs, attrs = ([decoded, b.i64(sizes)], {}) if b.opset >= 13 else ([decoded], {"split": sizes})
+            b.graph.nodes.append(gs.Node("Split", name="", attrs={"axis": 0, **attrs}, inputs=inputs, outputs=outs))
         self._pools.clear()

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.encode.codebook import bit_keys
-from onnxcompress.encode.decoder import DecodeBuilder, stream_nodes
+from onnxcompress.encode.decoder import DecodeBuilder, STREAM_NODES
 from onnxcompress.encode.packing import packed_nbytes
 
 __all__ = ["FullLayout", "BitmaskLayout", "GapLayout", "gap_layout", "nonzero_mask", "background"]
@@ -70,7 +70,7 @@ class FullLayout:
     def entries(self, flat: np.ndarray) -> np.ndarray:
         return flat
 
-    def n_nodes(self, opset: int, pooled: bool = False) -> int:
+    def n_nodes(self, opset: int) -> int:
         return 0
 
     def decode(self, entries: np.ndarray) -> np.ndarray:
@@ -94,8 +94,8 @@ class BitmaskLayout:
     def entries(self, flat: np.ndarray) -> np.ndarray:
         return flat[self.mask]
 
-    def n_nodes(self, opset: int, pooled: bool = False) -> int:
-        return stream_nodes(self.mask.size, 1, opset, pooled=pooled) + 4
+    def n_nodes(self, opset: int) -> int:
+        return STREAM_NODES + 4
 
     def decode(self, entries: np.ndarray) -> np.ndarray:
         m = self.mask.astype(np.int64)
@@ -103,11 +103,11 @@ class BitmaskLayout:
         return np.concatenate([self.fill.astype(entries.dtype), entries])[pos]
 
     def emit(self, b: DecodeBuilder, values: gs.Tensor, dtype: np.dtype) -> gs.Tensor:
-        bits = b.uint_stream(self.mask.astype(np.uint8), 1, "mask")
-        ranks = b.op("CumSum", [bits, b.i64(0, "axis")], "ranks")
-        pos = b.op("Mul", [ranks, bits], "positions")
-        padded = b.op("Concat", [b.const(self.fill.astype(dtype), "fill"), values], "padded", axis=0)
-        return b.op("Gather", [padded, pos], "scattered", axis=0)
+        bits = b.uint_stream(self.mask.astype(np.uint8), 1)
+        ranks = b.op("CumSum", [bits, b.i64(0)])
+        pos = b.op("Mul", [ranks, bits])
+        padded = b.op("Concat", [b.const(self.fill.astype(dtype)), values], axis=0)
+        return b.op("Gather", [padded, pos], axis=0)
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,8 @@ class GapLayout:
     def entries(self, flat: np.ndarray) -> np.ndarray:
         return flat[self.positions()]
 
-    def n_nodes(self, opset: int, pooled: bool = False) -> int:
-        return stream_nodes(self.gaps.size, self.bits, opset, pooled=pooled) + 5
+    def n_nodes(self, opset: int) -> int:
+        return STREAM_NODES + 5
 
     def decode(self, entries: np.ndarray) -> np.ndarray:
         out = np.full(self.n, self.fill[0], entries.dtype)
@@ -140,13 +140,13 @@ class GapLayout:
         return out
 
     def emit(self, b: DecodeBuilder, values: gs.Tensor, dtype: np.dtype) -> gs.Tensor:
-        g = b.uint_stream(self.gaps, self.bits, "gaps")
-        one = b.i64(1, "one")
-        steps = b.op("Add", [g, one], "steps")
-        ends = b.op("CumSum", [steps, b.i64(0, "axis")], "ends")
-        pos = b.op("Sub", [ends, one], "positions")
-        holes = b.op("Expand", [b.const(self.fill.astype(dtype), "fill"), b.i64([self.n], "size")], "holes")
-        return b.op("ScatterElements", [holes, pos, values], "scattered", axis=0)
+        g = b.uint_stream(self.gaps, self.bits)
+        one = b.i64(1)
+        steps = b.op("Add", [g, one])
+        ends = b.op("CumSum", [steps, b.i64(0)])
+        pos = b.op("Sub", [ends, one])
+        holes = b.op("Expand", [b.const(self.fill.astype(dtype)), b.i64([self.n])])
+        return b.op("ScatterElements", [holes, pos, values], axis=0)
 
 
 def gap_layout(mask: np.ndarray, bits: int, fill: np.ndarray) -> GapLayout:

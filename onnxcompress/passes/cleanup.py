@@ -30,6 +30,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -125,6 +126,7 @@ class CleanupPass(Pass):
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _default_of(op: str, opset: int, name: str):
     """The schema default of attribute ``name`` of default-domain ``op`` at ``opset``, or None."""
     try:

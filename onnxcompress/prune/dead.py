@@ -38,7 +38,8 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.prune.channels import group_skip_reason
-from onnxcompress.prune.dependency import Group, ParamWriter, apply_keep, build_dependency_graph, eval_const
+from onnxcompress.prune.dependency import Group, ParamWriter, apply_keep, build_dependency_graph
+from onnxcompress.prune.importance import reader_l1
 from onnxcompress.recipe import StepConfig, option
 
 __all__ = ["DropDeadChannelsConfig", "DropDeadChannelsPass", "dead_units"]
@@ -60,20 +61,13 @@ def dead_units(group: Group) -> tuple[np.ndarray | None, str | None]:
     readers = [p for p in group.params if p.role == "in"]
     if not readers:
         return None, "no layer reads these channels through a weight"
-    units = group.units()
-    pos = {int(u): i for i, u in enumerate(units)}
-    used = np.zeros(len(units), dtype=bool)
-    for p in readers:
-        if p.chunks > 1:
-            return None, f"{p.node.name or p.node.op} reads them as a grouped Conv"
-        value = eval_const(p.node.inputs[p.slot])
-        if value is None:
-            return None, f"the weight of {p.node.name or p.node.op} is not a constant"
-        rows = np.moveaxis(np.asarray(value), p.axis, 0).reshape(value.shape[p.axis], -1)
-        nonzero = np.any(rows != 0, axis=1)
-        for e, u in enumerate(group.unit_ids(p.space)):
-            used[pos[int(u)]] |= bool(nonzero[e])
-    return ~used, None
+    grouped = next((p for p in readers if p.chunks > 1), None)
+    if grouped is not None:
+        return None, f"{grouped.node.name or grouped.node.op} reads them as a grouped Conv"
+    used = reader_l1(group, readers)
+    if used is None:
+        return None, "a layer reading them has a weight that is not a constant"
+    return used == 0, None  # NaN weights count as read
 
 
 class DropDeadChannelsPass(Pass):

@@ -27,7 +27,7 @@ import onnx
 
 from onnxcompress.prune.dependency import Group, eval_const
 
-__all__ = ["IMPORTANCE_METHODS", "ChannelStats", "unit_scores", "activation_inputs", "activation_means"]
+__all__ = ["IMPORTANCE_METHODS", "ChannelStats", "unit_scores", "activation_inputs", "activation_means", "reader_l1"]
 
 IMPORTANCE_METHODS = ("l1", "l2", "bn", "activation")
 
@@ -77,6 +77,16 @@ def unit_scores(group: Group, method: str, *, activations: dict[str, ChannelStat
                 members.append((p.space, activations[p.space.name].abs_mean * reads))
         return _accumulate(group, units, members) if members else None
     raise ValueError(f"unknown importance {method!r}")
+
+
+def reader_l1(group: Group, readers: list) -> np.ndarray | None:
+    """Per unit of ``group.units()``: the summed ``|V|`` of the reader weights ``V`` (``in``
+    parameters, un-chunked) over the unit's input rows — 0 where no reader uses the unit; None when
+    a reader's weight is not a constant."""
+    values = [eval_const(p.node.inputs[p.slot]) for p in readers]
+    if any(v is None for v in values):
+        return None
+    return _accumulate(group, group.units(), [(p.space, _rows(v, p.axis, 1)) for p, v in zip(readers, values)])
 
 
 def activation_inputs(group: Group) -> list:

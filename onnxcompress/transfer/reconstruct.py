@@ -180,9 +180,6 @@ def _check_layer(node: gs.Node, graph: gs.Graph) -> tuple[Layer | None, str | No
                     and not is_graph_io(other, graph):
                 bias, target = other, add.outputs[0]
     elif node.op == "Conv":
-        group = int(node.attrs.get("group", 1))
-        if group != 1 and producer(w) is not None and producer(w).op == "DequantizeLinear":
-            return None, "grouped convolution behind DequantizeLinear"
         ap = node.attrs.get("auto_pad", "NOTSET")
         if isinstance(ap, bytes):
             ap = ap.decode()
@@ -194,6 +191,9 @@ def _check_layer(node: gs.Node, graph: gs.Graph) -> tuple[Layer | None, str | No
     dq, reason = _weight_source(w, node, graph)
     if reason:
         return None, reason
+    group = int(node.attrs.get("group", 1)) if kind == "conv" else 1
+    if group != 1 and dq is not None:
+        return None, "grouped convolution behind DequantizeLinear"
     if bias is not None:
         bias_dq = None
         if weight_ref(bias, graph) is None:
@@ -203,12 +203,8 @@ def _check_layer(node: gs.Node, graph: gs.Graph) -> tuple[Layer | None, str | No
         if any(c is not node and not (c.op == "Add" and c.outputs and c.outputs[0] is target) for c in bias.outputs) \
                 or is_graph_io(bias, graph):
             return None, f"bias {bias.name!r} is shared"
-        return Layer(node, x, target, w, bias, kind, dq, bias_dq, group=_group(node)), None
-    return Layer(node, x, target, w, bias, kind, dq, group=_group(node)), None
-
-
-def _group(node: gs.Node) -> int:
-    return int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
+        return Layer(node, x, target, w, bias, kind, dq, bias_dq, group), None
+    return Layer(node, x, target, w, bias, kind, dq, group=group), None
 
 
 def _teacher_tensor(layer: Layer, teacher: onnx.ModelProto) -> str | None:
@@ -678,9 +674,8 @@ class DistillPass(Pass):
                 return (np.clip(np.round(v / sc + z), info.min, info.max) - z) * sc
             return snap_int
         old = _to_rows(_current_weight(layer, graph), layer.kind, layer.group)
-        kept = old[mask]
-        centres = np.unique(kept)
-        if not (0 < centres.size <= cfg.max_codebook and centres.size < kept.size):
+        centres = self._codebook(old[mask])
+        if centres is None:
             layer.notes["grid"] = "float"
             return None
         _, c = snap_to_codebook(rows[mask], centres, cfg.codebook_iters)
@@ -691,12 +686,18 @@ class DistillPass(Pass):
             return c[np.searchsorted(mids, v)]
         return snap_book
 
+    def _codebook(self, values: np.ndarray) -> np.ndarray | None:
+        """The distinct values of ``values`` when weight sharing left them on a codebook (at most
+        ``max_codebook`` of them, fewer than the values), else None."""
+        centres = np.unique(values)
+        return centres if 0 < centres.size <= self.config.max_codebook and centres.size < values.size else None
+
     def _snap_bias(self, layer: Layer, old: np.ndarray, refit: np.ndarray) -> np.ndarray:
         """A float bias that weight sharing put on a codebook (``K ≤ max_codebook`` distinct values,
         fewer than its size) goes back on it the way shared weights do: Lloyd iterations from the old
         centres on the refitted values, then the nearest centre. Any other bias stays as refitted."""
-        centres = np.unique(old)
-        if not (0 < centres.size <= self.config.max_codebook and centres.size < old.size):
+        centres = self._codebook(old)
+        if centres is None:
             return refit
         snapped, c = snap_to_codebook(refit, centres, self.config.codebook_iters)
         layer.notes["grid"] = f"{layer.notes.get('grid', 'float')}, bias codebook K={c.size}"

@@ -56,7 +56,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.errors import ModelError
 from onnxcompress.graph.io import ModelLike, graph_to_model, model_to_graph, open_model
-from onnxcompress.graph.query import WeightRef, iter_graphs, iter_weights
+from onnxcompress.graph.query import WeightRef, is_constant, iter_graphs, iter_weights
 
 __all__ = ["TransplantReport", "transplant", "PLAN_KEY", "position_keys", "recalibrate_activations"]
 
@@ -138,33 +138,32 @@ def position_keys(graph: gs.Graph, refs: list[WeightRef]) -> dict[int, tuple]:
     return keys
 
 
-_LAYER_SLOTS = {"MatMul": (1,), "Gemm": (1, 2), "Conv": (1, 2), "ConvTranspose": (1, 2), "Gather": (0,)}
-
-
 def _encoded_weights(graph: gs.Graph) -> tuple[list[str], set[int]]:
     """``(names, ids)``: the layer weights that ``graph`` computes from constants through a decode
-    chain other than DequantizeLinear (compact storage, Cast -> Mul storage), and the ids of every
-    tensor inside those chains (their packed streams, codebooks and shape constants)."""
+    chain other than DequantizeLinear (compact storage, Cast -> Mul storage) — read in a weight slot
+    (:data:`~onnxcompress.quantize.storage.WEIGHT_SLOTS`) or as a Gemm / Conv bias — and the ids of
+    every tensor inside those chains (their packed streams, codebooks and shape constants)."""
+    from onnxcompress.quantize.storage import WEIGHT_SLOTS
+
     names: list[str] = []
     inside: set[int] = set()
     for g in iter_graphs(graph):
         derived: dict[int, gs.Node] = {}  # variable -> its producer, for variables computed from constants only
-        for node in g.nodes:  # topological order (the pipeline and the importer keep graphs sorted)
-            if node.inputs and all(isinstance(t, gs.Constant) or id(t) in derived or not t.name
-                                   for t in node.inputs) and not node.attrs.get("body"):
-                for t in node.outputs:
-                    derived[id(t)] = node
+        for node in g.nodes:  # topological order (the importer and the pipeline keep graphs sorted)
+            if node.op != "Constant" and node.inputs and next(node.subgraphs(), None) is None \
+                    and all(not t.name or is_constant(t) or id(t) in derived for t in node.inputs):
+                derived.update((id(t), node) for t in node.outputs)
         for node in g.nodes:
-            for slot in _LAYER_SLOTS.get(node.op, ()):
-                t = node.inputs[slot] if slot < len(node.inputs) else None
-                if t is None or id(t) not in derived or derived[id(t)].op == "DequantizeLinear" \
-                        or t.name in names:
+            if node.op not in WEIGHT_SLOTS:
+                continue
+            slots = (WEIGHT_SLOTS[node.op], 2) if node.op in ("Gemm", "Conv", "ConvTranspose") else (WEIGHT_SLOTS[node.op],)
+            for t in (node.inputs[i] for i in slots if i < len(node.inputs)):
+                if id(t) not in derived or derived[id(t)].op == "DequantizeLinear" or t.name in names:
                     continue
                 names.append(t.name)
                 stack = [derived[id(t)]]
                 while stack:
-                    n = stack.pop()
-                    for i in n.inputs:
+                    for i in stack.pop().inputs:
                         if id(i) not in inside:
                             inside.add(id(i))
                             if id(i) in derived:
