@@ -15,6 +15,7 @@ from builders import lossless_close, mlp, run, with_constant_nodes
 from onnxcompress.api import compress
 from onnxcompress.graph.io import graph_to_model
 from onnxcompress.prune.channels import PruneChannelsConfig, keep_count, model_cost, replay_plan
+from onnxcompress.errors import RecipeError
 from onnxcompress.recipe import Recipe, VerifyConfig
 from test_dependency import Net, branchy, resnet_block
 
@@ -41,6 +42,11 @@ def feeds_for(model, seed=0):
 
 def init_shapes(model) -> dict[str, tuple]:
     return {t.name: tuple(t.dims) for t in model.graph.initializer}
+
+
+def conv_weights(model) -> dict[str, tuple]:
+    shapes = init_shapes(model)
+    return {n.name: shapes[n.input[1]] for n in model.graph.node if n.op_type == "Conv"}
 
 
 def matmul_weights(model) -> list[tuple]:
@@ -217,6 +223,42 @@ def test_declines_with_reasons_and_leaves_blocked_groups_untouched():
     run(out, feeds_for(m))
     out2, step2 = prune(m, ratio=0.5, exclude=("conv3",))
     assert not step2["modified"] and any("excluded" in s["reason"] for s in step2["skipped"])
+
+
+def test_override_sets_one_groups_ratio():
+    """``w4=0.75`` (conv4's weight) prunes the inner conv's group at 0.75 and the residual group at the
+    base ratio: the residual group keeps what a uniform 0.25 run keeps, the inner one the 2 of 8 filters
+    of largest L1 norm over the input channels left to them; the model stays valid and runs."""
+    m = resnet_block()
+    out, step = prune(m, ratio=0.25, overrides=("w4=0.75",))
+    groups = {g["group"]: g for g in step["details"]["groups"]}
+    assert (groups["conv4"]["kept"], groups["conv1"]["kept"]) == (2, 6)
+    assert groups["conv4"]["override"] == "w4" and "override" not in groups["conv1"]
+    _, uniform = prune(m, ratio=0.25)
+    assert groups["conv1"]["keep"] == next(g for g in uniform["details"]["groups"] if g["group"] == "conv1")["keep"]
+    w4 = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w4"))
+    l1 = np.abs(w4[:, groups["conv1"]["keep"]["conv1"]]).sum(axis=(1, 2, 3))
+    assert groups["conv4"]["keep"]["conv4"] == sorted(np.argsort(-l1, kind="stable")[:2].tolist())
+    assert conv_weights(out)["conv4"] == (2, 6, 3, 3)
+    valid(out)
+    assert run(out, feeds_for(m))[0].shape == (2, 4)
+    first, _ = prune(m, ratio=0.25, overrides=("conv*=0.5", "conv4=0.75"))  # first match wins
+    assert conv_weights(first)["conv4"][0] == 4
+
+
+def test_override_skip_and_bad_overrides_decline():
+    m = resnet_block()
+    out, step = prune(m, ratio=0.5, overrides=("conv4=skip",))
+    assert conv_weights(out)["conv4"] == (8, 4, 3, 3), "the skipped group keeps its 8 output channels"
+    assert any(s["reason"] == "override 'conv4' says skip" for s in step["skipped"])
+    assert [g["group"] for g in step["details"]["groups"]] == ["conv1"]
+    # a pattern that matches no layer writing a group
+    res = compress(m, Recipe(steps=(PruneChannelsConfig(ratio=0.5, overrides=("nothing*=0.1",)),),
+                             verify=VerifyConfig(enabled=False)))
+    assert any("'nothing*' matches no layer" in n for n in res.report.notes)
+    for bad in ("conv4=2:4", "conv4=1.5", "conv4", "conv4=-0.1", "=0.5"):
+        with pytest.raises(RecipeError, match="prune_channels, overrides"):
+            PruneChannelsConfig(ratio=0.5, overrides=(bad,))
 
 
 def test_shared_weight_is_copied_not_corrupted():

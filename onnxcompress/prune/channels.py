@@ -28,6 +28,14 @@ helps at 25% (l1 0.967 -> 0.976) and rescues activation importance at 50% (0.31 
 a little with l1 at 50% (0.89 -> 0.88) and collapses the outputs toward their mean at 75%, so it is
 off by default.
 
+**Per-group overrides** (``overrides``, ``--prune-channels-override``): ``PATTERN=VALUE``, ``PATTERN`` an
+fnmatch glob on the name of a layer that *writes* the group's channels (its node, e.g. ``conv3``, or its
+weight), ``VALUE`` ``skip`` or that group's ``R``; the first matching override wins. A uniform ``R``
+is the default because channel importance is not comparable across layers; but where the channels
+are taken from decides the speed-up as much as how many (onnxruntime pads NCHWc convolutions to its
+16-channel block: see docs/benchmarks.md, prune-allocation), so an engineer who knows the target
+runtime can spend the budget where it pays. A pattern that matches no prunable group is reported.
+
 The plan (``details["groups"]``) lists, per group, the layers, the channel counts and the kept
 element indices per tensor name (``keep``); :func:`replay_plan` applies it to a graph with the same
 names (e.g. another checkpoint of the same architecture). ``details`` also gives parameters and
@@ -44,7 +52,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.errors import PreconditionError
+from onnxcompress.errors import PreconditionError, RecipeError
 from onnxcompress.passes.base import Pass, PassResult, cleanup_graph
 from onnxcompress.graph.query import consumers
 from onnxcompress.prune.dependency import (
@@ -63,6 +71,7 @@ from onnxcompress.prune.importance import (
     activation_means,
     unit_scores,
 )
+from onnxcompress.prune.sparsity import Override, parse_override
 from onnxcompress.recipe import StepConfig, option
 
 __all__ = [
@@ -96,6 +105,19 @@ class PruneChannelsConfig(StepConfig):
     calib_batches: int = option(8, "calibration batches read for activation importance", minimum=1)
     exclude: tuple[str, ...] = option((), "layer (node) names whose output channels are left alone, "
                                            "with every layer coupled to them")
+    overrides: tuple[str, ...] = option((), "per-group settings PATTERN=VALUE: PATTERN matches a layer that writes "
+                                            "the group's channels (node or weight name), VALUE is skip or that "
+                                            "group's ratio; first match wins",
+                                        flag="--prune-channels-override", metavar="LIST")
+
+    def validate(self) -> None:
+        for o in self.parsed_overrides():
+            if o.nm is not None or (o.value is not None and o.value > 0.99):
+                raise RecipeError(f"override {o.pattern!r}: a channel ratio is a number from 0 to 0.99, or skip",
+                                  where="recipe, prune_channels, overrides", hint="e.g. 'conv3=0.75' or 'head*=skip'")
+
+    def parsed_overrides(self) -> tuple[Override, ...]:
+        return tuple(parse_override(t, "recipe, prune_channels, overrides") for t in self.overrides)
 
 
 def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
@@ -202,12 +224,22 @@ class PruneChannelsPass(Pass):
         method, activations = self._importance(dg, model, ctx)
         writer = ParamWriter(graph)
         plan, fallback = [], []
+        overrides, matched = cfg.parsed_overrides(), set()
+        writers = {id(g): _writers(g) for g in dg.groups}  # before pruning one group renames another's weights
         for group in dg.groups:
             reason = self._may_prune(group)
             if reason is not None:
                 if reason:
                     res.skip(group.name, "prune_channels", reason)
                 continue
+            override = next((o for o in overrides if o.matches(writers[id(group)])), None)
+            ratio = cfg.ratio
+            if override is not None:
+                matched.add(override.pattern)
+                if override.skip:
+                    res.skip(group.name, "prune_channels", f"override {override.pattern!r} says skip")
+                    continue
+                ratio = override.value
             scores = unit_scores(group, method, activations=activations)
             used = method
             if scores is None:
@@ -215,11 +247,11 @@ class PruneChannelsPass(Pass):
                 scores = unit_scores(group, "l1")
                 fallback.append(group.name)
             units = group.units()
-            keep = select_units(group, scores, cfg.ratio, cfg.round_to)
+            keep = select_units(group, scores, ratio, cfg.round_to)
             if len(keep) == len(units):
-                if cfg.ratio > 0:
+                if ratio > 0:
                     res.skip(group.name, "prune_channels",
-                             f"{len(units)} channels: none to remove at ratio {cfg.ratio} (round-to {cfg.round_to})")
+                             f"{len(units)} channels: none to remove at ratio {ratio} (round-to {cfg.round_to})")
                 continue
             corrected = correct_biases(group, keep, activations, writer) \
                 if cfg.bias_correction and activations else None
@@ -228,7 +260,12 @@ class PruneChannelsPass(Pass):
                         f"({', '.join(group.layers()[:4])}{', ...' if len(group.layers()) > 4 else ''})")
             plan.append({"group": group.name, "layers": group.layers(), "channels": int(len(units)),
                          "kept": int(len(keep)), "importance": used, "keep": kept,
+                         **({"ratio": ratio, "override": override.pattern} if override is not None else {}),
                          **({"bias_corrected": corrected} if corrected is not None else {})})
+        for o in overrides:
+            if o.pattern not in matched:
+                ctx.note(f"prune_channels: override {o.pattern!r} matches no layer that writes a prunable group's "
+                         "channels (patterns match the producing node or its weight)")
         if fallback and method == "bn":
             ctx.note(f"prune_channels: {len(fallback)} group(s) have no BatchNormalization (folded by an earlier "
                      "pass such as fuse?), so they were scored by l1 instead of bn")
@@ -273,6 +310,15 @@ class PruneChannelsPass(Pass):
         if not targets:
             return cfg.importance, {}
         return cfg.importance, activation_means(model, targets, feeds, max_batches=cfg.calib_batches)
+
+
+def _writers(group: Group) -> list[str]:
+    """Names an override pattern is matched against: the nodes writing the group's channels and their weights."""
+    names = []
+    for p in group.params:
+        if p.role in ("out", "dw"):
+            names += [p.node.name, p.node.inputs[p.slot].name]
+    return names
 
 
 def correct_biases(group: Group, keep_units: np.ndarray, stats: dict[str, ChannelStats],

@@ -78,8 +78,7 @@ class Override:
         return any(fnmatch.fnmatchcase(n, self.pattern) for n in names)
 
 
-def parse_override(text: str) -> Override:
-    where = "recipe, sparsify, overrides"
+def parse_override(text: str, where: str = "recipe, sparsify, overrides") -> Override:
     pattern, sep, value = text.rpartition("=")
     if not sep or not pattern or not value:
         raise RecipeError(f"override {text!r} is not PATTERN=VALUE", where=where,
