@@ -371,6 +371,8 @@ def main(argv=None) -> int:
         "The digits CNN has 16 channels per layer: one-shot removal of whole BatchNorm-shifted channels "
         "collapses its accuracy; bias correction puts back part of it, the distill repair most of it.",
         "`--round-to 8` keeps all 16 channels of a digits-CNN layer at 25% (12 rounds up to 16).",
+        "The same 50% channel budget spent on other groups of the digits CNN (`--prune-channels-override`) "
+        "runs between 1.25x and 2.5x faster: `python bench/prune_allocation.py` (next table).",
         "File sizes are against the input after a load/save round trip (which drops the exporter's per-node "
         "metadata); merge rows are slightly larger because the embedded plan records the clusters.",
     ]
