@@ -261,6 +261,20 @@ def test_override_skip_and_bad_overrides_decline():
             PruneChannelsConfig(ratio=0.5, overrides=(bad,))
 
 
+def test_note_when_pruning_breaks_the_nchwc_channel_alignment():
+    """16 -> 8 output channels: onnxruntime pads such convs back to its NCHWc block, the summary says so;
+    not with round_to=16, and not for a net whose convs never had a multiple of 16 channels."""
+    def notes(model, **cfg):
+        res = compress(model, Recipe(steps=(PruneChannelsConfig(**cfg),), verify=VerifyConfig(enabled=False)))
+        return [n for n in res.report.notes if "NCHWc" in n]
+
+    wide = resnet_block(c=32)
+    (note,) = notes(wide, ratio=0.25)
+    assert "3 Conv(s) (conv1, conv7, conv4)" in note and "--round-to 16" in note
+    assert notes(wide, ratio=0.5, round_to=16) == []
+    assert notes(resnet_block(c=8), ratio=0.5) == []
+
+
 def test_shared_weight_is_copied_not_corrupted():
     """Two layers read one weight; pruning one layer's group must not change the other."""
     n = Net(shape=(2, 8))

@@ -34,7 +34,9 @@ weight), ``VALUE`` ``skip`` or that group's ``R``; the first matching override w
 is the default because channel importance is not comparable across layers; but where the channels
 are taken from decides the speed-up as much as how many (onnxruntime pads NCHWc convolutions to its
 16-channel block: see docs/benchmarks.md, prune-allocation), so an engineer who knows the target
-runtime can spend the budget where it pays. A pattern that matches no prunable group is reported.
+runtime can spend the budget where it pays. A pattern that matches no prunable group is reported, and
+so are Convs whose output channels were a multiple of 16 and no longer are (``NCHWC_BLOCK``; the
+speed-up they lose is measured there).
 
 The plan (``details["groups"]``) lists, per group, the layers, the channel counts and the kept
 element indices per tensor name (``keep``); :func:`replay_plan` applies it to a graph with the same
@@ -118,6 +120,9 @@ class PruneChannelsConfig(StepConfig):
 
     def parsed_overrides(self) -> tuple[Override, ...]:
         return tuple(parse_override(t, "recipe, prune_channels, overrides") for t in self.overrides)
+
+
+NCHWC_BLOCK = 16  # onnxruntime's NCHWc channel block on AVX-512 CPUs (8 on AVX2): conv outputs are padded to it
 
 
 def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
@@ -223,7 +228,7 @@ class PruneChannelsPass(Pass):
         before = model_cost(model, dg.dims)
         method, activations = self._importance(dg, model, ctx)
         writer = ParamWriter(graph)
-        plan, fallback = [], []
+        plan, fallback, unaligned = [], [], []
         overrides, matched = cfg.parsed_overrides(), set()
         writers = {id(g): _writers(g) for g in dg.groups}  # before pruning one group renames another's weights
         for group in dg.groups:
@@ -255,6 +260,9 @@ class PruneChannelsPass(Pass):
                 continue
             corrected = correct_biases(group, keep, activations, writer) \
                 if cfg.bias_correction and activations else None
+            unaligned += [p.node.name for p in group.params if p.role == "out" and p.slot == 1 and p.node.op == "Conv"
+                          and p.space.size % NCHWC_BLOCK == 0
+                          and len(group.kept_elements(p.space, keep)) % NCHWC_BLOCK]
             kept = apply_keep(graph, group, keep, writer)
             res.changed(f"{group.name}: kept {len(keep)} of {len(units)} channels "
                         f"({', '.join(group.layers()[:4])}{', ...' if len(group.layers()) > 4 else ''})")
@@ -262,6 +270,12 @@ class PruneChannelsPass(Pass):
                          "kept": int(len(keep)), "importance": used, "keep": kept,
                          **({"ratio": ratio, "override": override.pattern} if override is not None else {}),
                          **({"bias_corrected": corrected} if corrected is not None else {})})
+        if unaligned:
+            ctx.note(f"prune_channels: {len(unaligned)} Conv(s) ({', '.join(unaligned[:3])}"
+                     f"{', ...' if len(unaligned) > 3 else ''}) had a multiple of {NCHWC_BLOCK} output channels and "
+                     f"now do not: onnxruntime's CPU NCHWc convolutions compute such layers padded "
+                     f"to their block (16 channels with AVX-512, 8 with AVX2), so they speed up less than their "
+                     f"FLOPs fall; --round-to {NCHWC_BLOCK} keeps counts aligned")
         for o in overrides:
             if o.pattern not in matched:
                 ctx.note(f"prune_channels: override {o.pattern!r} matches no layer that writes a prunable group's "
