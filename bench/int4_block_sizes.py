@@ -128,7 +128,7 @@ def run() -> list[dict]:
 
 def render(rows: list[dict], command: str) -> str:
     cols = [f"{m}/{b}" for m, b in VARIANTS] + ["ort layers", "with data"]
-    out = ["### int4 across block sizes (data-free)", "",
+    out = ["### int4 across block sizes", "",
            f"Machine: {machine()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
            f"Command: `{command}`.", "",
            "Accuracy on the fixed 450-sample test split. `rtn/8` is the default `--int4` without calibration "
