@@ -1,5 +1,10 @@
 """Unstructured sparsity benchmark: accuracy, file size and latency against sparsity, side by side.
 
+Structured pruning (channels 25 / 50 %, the CPU speed-up at batch 64) has its own scripts, which write
+the next sections of docs/benchmarks.md: ``bench/prune_structured.py`` (every importance and repair on
+the digits models and two synthetic CNNs) and ``bench/prune_allocation.py`` (one 50 % budget spent on
+different layers of the digits CNN).
+
 For each digits model (``models/mlp.onnx``, ``models/cnn.onnx``) and each sparsity (50/75/90 % per
 layer, ``--prune R``; no fine-tuning) the same pruned weights are stored five ways, all produced with
 ``onnxcompress.compress`` (the CLI's default lossless prefix, then the steps named):
