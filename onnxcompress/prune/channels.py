@@ -238,13 +238,12 @@ class PruneChannelsPass(Pass):
                     res.skip(group.name, "prune_channels", reason)
                 continue
             override = next((o for o in overrides if o.matches(writers[id(group)])), None)
-            ratio = cfg.ratio
             if override is not None:
                 matched.add(override.pattern)
                 if override.skip:
                     res.skip(group.name, "prune_channels", f"override {override.pattern!r} says skip")
                     continue
-                ratio = override.value
+            ratio = cfg.ratio if override is None else override.value
             scores = unit_scores(group, method, activations=activations)
             used = method
             if scores is None:
@@ -260,9 +259,7 @@ class PruneChannelsPass(Pass):
                 continue
             corrected = correct_biases(group, keep, activations, writer) \
                 if cfg.bias_correction and activations else None
-            unaligned += [p.node.name for p in group.params if p.role == "out" and p.slot == 1 and p.node.op == "Conv"
-                          and p.space.size % NCHWC_BLOCK == 0
-                          and len(group.kept_elements(p.space, keep)) % NCHWC_BLOCK]
+            unaligned += _unaligned_convs(group, keep)
             kept = apply_keep(graph, group, keep, writer)
             res.changed(f"{group.name}: kept {len(keep)} of {len(units)} channels "
                         f"({', '.join(group.layers()[:4])}{', ...' if len(group.layers()) > 4 else ''})")
@@ -333,6 +330,14 @@ def _writers(group: Group) -> list[str]:
         if p.role in ("out", "dw"):
             names += [p.node.name, p.node.inputs[p.slot].name]
     return names
+
+
+def _unaligned_convs(group: Group, keep: np.ndarray) -> list[str]:
+    """Convs writing the group whose output channels were a multiple of ``NCHWC_BLOCK`` and with ``keep``
+    no longer are (onnxruntime computes them padded back to the block)."""
+    return [p.node.name for p in group.params
+            if p.role == "out" and p.slot == 1 and p.node.op == "Conv" and p.space.size % NCHWC_BLOCK == 0
+            and len(group.kept_elements(p.space, keep)) % NCHWC_BLOCK]
 
 
 def correct_biases(group: Group, keep_units: np.ndarray, stats: dict[str, ChannelStats],
