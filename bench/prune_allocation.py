@@ -23,18 +23,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
-from pathlib import Path
 
-import numpy as np
 import onnx
 
 from _docs import machine, write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
-from prune_structured import make, nchwc_layout, speedups  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from prune_structured import digits_data, make, nchwc_layout, speedups  # noqa: E402
 
 SECTION = "prune-allocation"
 # ratios of the three groups (stream, inner, strided): each removes 32 of the 64 channels
@@ -46,15 +39,15 @@ def writer_names(model: onnx.ModelProto) -> list[str]:
     """One node writing each prunable group's channels, in the dependency graph's group order."""
     import onnx_graphsurgeon as gs
 
+    from onnxcompress.prune import channels
     from onnxcompress.prune.dependency import build_dependency_graph
 
     dg = build_dependency_graph(gs.import_onnx(model), model)
-    return [next(p.node.name for p in g.params if p.role in ("out", "dw"))
-            for g in dg.groups if g.prunable and not g.blocked]
+    return [channels.writer_names(g)[0] for g in dg.groups if g.prunable and not g.blocked]
 
 
 def run(args) -> tuple[list[dict], float]:
-    from onnxcompress.datasets import bundled_model_path, digits_accuracy, digits_feeds
+    from onnxcompress.datasets import bundled_model_path, digits_accuracy
     from onnxcompress.prune.channels import PruneChannelsConfig as Prune
     from onnxcompress.prune.channels import model_cost
     from onnxcompress.transfer.reconstruct import DistillConfig
@@ -62,10 +55,7 @@ def run(args) -> tuple[list[dict], float]:
     model = onnx.load(bundled_model_path("cnn"))
     writers = writer_names(model)
     assert len(writers) == 3, f"expected the digits CNN's three prunable groups, found {writers}"
-    calib_x = next(iter(digits_feeds(model, "calib").items()))
-    calib = [{calib_x[0]: calib_x[1][i:i + 64]} for i in range(0, len(calib_x[1]), 64)]
-    (in_name, test), = digits_feeds(model, "test").items()
-    feed = {in_name: np.resize(test, (args.batch,) + test.shape[1:])}
+    calib, feed = digits_data(model, args.batch)
     base = model_cost(model)
     built, rows = {"fp32": model}, []
     for ratios in ALLOCATIONS:

@@ -251,18 +251,24 @@ def synthetic_cnn(seed: int = 0, size: int = 32, cin: int = 3, widths: tuple[int
 # -- the tables -----------------------------------------------------------------------------------
 
 
+def digits_data(model: onnx.ModelProto, batch: int) -> tuple[list[dict], dict]:
+    """The calib split as feeds of 64 samples, and one timing feed of ``batch`` test samples."""
+    from onnxcompress.datasets import digits_feeds
+
+    (name, x), = digits_feeds(model, "calib").items()
+    (_, test), = digits_feeds(model, "test").items()
+    return [{name: x[i:i + 64]} for i in range(0, len(x), 64)], {name: np.resize(test, (batch,) + test.shape[1:])}
+
+
 def bench(name: str, model: onnx.ModelProto, kind: str, batch: int, timing: dict, notes: list[str]) -> list[dict]:
     """The rows of one model; ``timing``: :func:`speedups`' rounds, reps, threads and seconds."""
     from onnxcompress.prune.channels import model_cost
 
     digits = kind != "synthetic"
     if digits:
-        from onnxcompress.datasets import digits_accuracy, digits_feeds
+        from onnxcompress.datasets import digits_accuracy
 
-        calib_x = next(iter(digits_feeds(model, "calib").items()))
-        calib = [{calib_x[0]: calib_x[1][i:i + 64]} for i in range(0, len(calib_x[1]), 64)]
-        (in_name, test), = digits_feeds(model, "test").items()
-        feed = {in_name: np.resize(test, (batch,) + test.shape[1:])}
+        calib, feed = digits_data(model, batch)
     else:
         calib = None
         shape = [batch] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]

@@ -84,6 +84,7 @@ __all__ = [
     "model_cost",
     "replay_plan",
     "group_skip_reason",
+    "writer_names",
     "correct_biases",
 ]
 
@@ -230,7 +231,7 @@ class PruneChannelsPass(Pass):
         writer = ParamWriter(graph)
         plan, fallback, unaligned = [], [], []
         overrides, matched = cfg.parsed_overrides(), set()
-        writers = {id(g): _writers(g) for g in dg.groups}  # before pruning one group renames another's weights
+        writers = {id(g): writer_names(g) for g in dg.groups}  # before pruning one group renames another's weights
         for group in dg.groups:
             reason = self._may_prune(group)
             if reason is not None:
@@ -323,8 +324,9 @@ class PruneChannelsPass(Pass):
         return cfg.importance, activation_means(model, targets, feeds, max_batches=cfg.calib_batches)
 
 
-def _writers(group: Group) -> list[str]:
-    """Names an override pattern is matched against: the nodes writing the group's channels and their weights."""
+def writer_names(group: Group) -> list[str]:
+    """The nodes writing the group's channels, each followed by its weight's name: what an override pattern
+    is matched against."""
     names = []
     for p in group.params:
         if p.role in ("out", "dw"):
