@@ -92,13 +92,19 @@ class Scorer:
 
         self.labels = digits_split("test")[1]
         self.ref = logits(fp32)
+        top2 = np.sort(self.ref["test"], axis=1)[:, -2:]
+        self.margin = top2[:, 1] - top2[:, 0]  # fp32's top-1 logit minus its runner-up, per test sample
+        self.rank = np.empty(len(self.margin), dtype=int)  # 1 = the test sample closest to a class boundary
+        self.rank[np.argsort(self.margin, kind="stable")] = np.arange(1, len(self.margin) + 1)
 
     def __call__(self, model: onnx.ModelProto) -> dict:
         out = logits(model)
         pred, val, ref_val = out["test"].argmax(axis=1), out[HELD_OUT], self.ref[HELD_OUT]
+        flipped = np.flatnonzero(pred != self.ref["test"].argmax(axis=1))
         return {"correct": pred == self.labels, "acc": float(np.mean(pred == self.labels)),
                 "val_mse": float(np.mean((val - ref_val) ** 2)),
-                "flips": int(np.sum(pred != self.ref["test"].argmax(axis=1))),
+                "flips": len(flipped),
+                "flipped": [(int(i), float(self.margin[i]), int(self.rank[i])) for i in flipped],
                 "val_flips": int(np.sum(val.argmax(axis=1) != ref_val.argmax(axis=1))), "bytes": model.ByteSize()}
 
 
@@ -172,7 +178,32 @@ def render(rows: list[dict], command: str) -> str:
             + ("; ".join(misses) if misses else "none") + ".",
             "", "With calibration data (`with data`) it is below at: "
             + ("; ".join(data_misses) if data_misses else "none") + "."]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + render_flips(rows)) + "\n"
+
+
+def render_flips(rows: list[dict]) -> list[str]:
+    """Which test samples each tool moves off fp32's class, and how close to a class boundary they were.
+
+    A sample's margin is fp32's top-1 logit minus its runner-up; its rank orders the 450 test samples
+    by margin (#1: the smallest). A small error can only flip a sample of small margin, so the margins
+    of the flipped samples show how far each tool moves the logits where it matters."""
+    def cell(s: dict) -> str:
+        return ", ".join(f"{i} ({m:.2f}, #{k})" for i, m, k in s["flipped"]) or "none"
+
+    out = ["", "Test samples whose top-1 class differs from fp32's: `index (fp32 margin, rank)`, where the margin "
+           "is fp32's top-1 logit minus its runner-up and the rank orders the 450 test samples by margin (#1: the "
+           "one closest to a class boundary).", "",
+           "| model | block | level | onnxruntime RTN | default `rtn/8` | with data |", "|---|---|---|---|---|---|"]
+    worst = {c: 0 for c in ("ort", "rtn/8", "with data")}
+    for r in rows:
+        if not any(r[c]["flipped"] for c in worst):
+            continue
+        out.append(f"| {r['model']} | {r['block']} | {r['level']} | " + " | ".join(cell(r[c]) for c in worst) + " |")
+        for c in worst:
+            worst[c] = max([worst[c]] + [k for _, _, k in r[c]["flipped"]])
+    out += ["", "Largest margin rank of a flipped test sample over all rows: onnxruntime RTN #{}, default #{}, with "
+            "data #{}.".format(*worst.values())]
+    return out
 
 
 def main(argv=None) -> int:
