@@ -14,10 +14,10 @@ Both tools start from compiled bytecode and imported modules. pip compiled onnxr
 files at install; an editable install of onnxcompress has none where ``PYTHONDONTWRITEBYTECODE`` is
 set (as on CI machines and here), and compiling its modules from source added about 4 MiB to the
 child's peak on the CNN (growth 20 → 16 MiB once compiled, 2026-12-06), the interpreter's cost and
-not the quantizer's. So the parent compiles the package's
-bytecode (``compileall``, into its git-ignored ``__pycache__`` folders) before any child runs. Each child then imports
-the modules its tool quantizes with before it reads its baseline: onnxruntime's
-``onnxruntime.quantization``, and the onnxcompress modules that ``--int8`` imports.
+not the quantizer's. So the parent compiles the package's bytecode (``compileall``, into its
+git-ignored ``__pycache__`` folders) before any child runs. Each child then imports the modules its
+tool quantizes with before it reads its baseline: ``onnxruntime.quantization``, and the onnxcompress
+modules that ``--int8`` imports.
 
 A second table: calibration memory with 32 and 512 samples (onnxcompress streams; onnxruntime's
 Entropy calibrator keeps every intermediate output).
