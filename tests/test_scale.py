@@ -30,6 +30,24 @@ bench_io = load_bench("io")
 
 
 # ----------------------------------------------------------------------------------------------
+# fast: the peak-RSS measurement the big tests trust
+
+
+def test_run_limited_reports_the_childs_own_peak_not_the_parents():
+    """wait4's ru_maxrss carries the RSS a child inherits at fork: with this process holding 256 MiB, a
+    child that touches 64 MiB must still be measured near 64 MiB (and one that touches nothing near 0)."""
+    held = np.ones(256 * 2**20 // 8)  # this process: +256 MiB, touched
+    touch = "import numpy as np, time; a = np.ones({} * 2**20 // 8); time.sleep(0.2)"
+    rc, _, small, err = bench_io.run_limited([sys.executable, "-c", touch.format(0)], max_rss_gb=4, timeout=60)
+    assert rc == 0, err
+    rc, _, big, err = bench_io.run_limited([sys.executable, "-c", touch.format(64)], max_rss_gb=4, timeout=60)
+    assert rc == 0, err
+    assert held.sum() > 0
+    assert small * 2**10 < 128, f"child touching nothing measured at {small * 2**10:.0f} MiB"
+    assert 64 <= big * 2**10 < 192, f"child touching 64 MiB measured at {big * 2**10:.0f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------
 # fast: the streaming mechanism
 
 
