@@ -706,7 +706,8 @@ def validate_feed(specs: Sequence[InputSpec], feed: Mapping[str, Any], *, where:
                 hint="every input needs at least one element",
             )
         if spec.is_float:
-            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value.astype(np.float32, copy=False))))
+            native = value.dtype in (np.float16, np.float32, np.float64)  # bfloat16 & co.: through float32
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value if native else value.astype(np.float32))))
             if bad:
                 raise CalibrationError(
                     f"input {spec.name!r} holds {bad} NaN/Inf value{'s' if bad > 1 else ''} of {value.size}",

@@ -324,3 +324,18 @@ def test_validate_nan_and_inf():
     x[0, 1, 0, 0] = np.inf
     with pytest.raises(CalibrationError, match="2 NaN/Inf values"):
         validate_feed(specs, {"x": x, "flag": np.ones(1, bool)}, where="f")
+
+
+def test_validate_keeps_float64_values_beyond_float32_range_and_checks_bfloat16():
+    """1e300 is a finite float64 (it once went through float32 and was called Inf); bfloat16 Inf is caught."""
+    import ml_dtypes
+
+    from onnxcompress.data import InputSpec
+
+    wide = [InputSpec("x", np.dtype(np.float64), (None, 2))]
+    validate_feed(wide, {"x": np.array([[1e300, -1e300]])}, where="f")
+    with pytest.raises(CalibrationError, match="1 NaN/Inf value of 2"):
+        validate_feed(wide, {"x": np.array([[1e300, np.inf]])}, where="f")
+    half = [InputSpec("x", np.dtype(ml_dtypes.bfloat16), (None, 2))]
+    with pytest.raises(CalibrationError, match="1 NaN/Inf value of 2"):
+        validate_feed(half, {"x": np.array([[1.0, np.inf]], ml_dtypes.bfloat16)}, where="f")
