@@ -23,7 +23,7 @@ from onnxcompress.verify.session import (
     resolve_providers,
     run_session,
 )
-from onnxcompress.verify.tolerance import LOSSLESS, LOSSY, POLICIES, Tolerance, policy_for, quantized
+from onnxcompress.verify.tolerance import LOSSLESS, LOSSY, LOSSY_RANDOM, POLICIES, Tolerance, policy_for, quantized
 
 __all__ = [
     "compare_models",
@@ -44,6 +44,7 @@ __all__ = [
     "run_session",
     "LOSSLESS",
     "LOSSY",
+    "LOSSY_RANDOM",
     "POLICIES",
     "Tolerance",
     "policy_for",

@@ -24,7 +24,8 @@ values where the reference has other values. A float output to which no criterio
 ``min_top1`` on a non-classifier output, say) fails too, rather than pass unchecked.
 
 Presets: :data:`LOSSLESS` for rewrites that should not change numbers (BN folding, merges),
-:data:`LOSSY` for approximating techniques (pruning, low-rank), :func:`quantized` for quantization.
+:data:`LOSSY` for approximating techniques (pruning, low-rank), :func:`quantized` for quantization;
+:data:`LOSSY_RANDOM` is what ``compress`` applies instead of :data:`LOSSY` when it verifies on random inputs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from onnxcompress.errors import RecipeError, did_you_mean
 from onnxcompress.verify.metrics import OutputMetrics
 
-__all__ = ["Tolerance", "LOSSLESS", "LOSSY", "quantized", "policy_for", "POLICIES"]
+__all__ = ["Tolerance", "LOSSLESS", "LOSSY", "LOSSY_RANDOM", "quantized", "policy_for", "POLICIES"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +141,12 @@ class Tolerance:
 LOSSLESS = Tolerance(atol=1e-5, rtol=1e-4)
 #: Approximating techniques: direction preserved, classifier decisions mostly kept.
 LOSSY = Tolerance(min_cosine=0.98, min_top1=0.9)
+#: :data:`LOSSY` where the feeds are seeded random inputs (no data given): the cosine budget only.
+#: Random inputs sit near class boundaries, so their top-1 agreement measures noise, not the task
+#: (bundled digits transformer: median top-1 margin 3.1 on 450 random inputs, 8.0 on the test split;
+#: its ``--int4`` output agrees with fp32 on 450 of 450 test digits but on 0.96 of the random inputs,
+#: 7 of the 8 a default check draws). Top-1 agreement is still measured and reported.
+LOSSY_RANDOM = Tolerance(min_cosine=0.98, min_top1=0.0)
 
 
 def quantized(
