@@ -174,15 +174,15 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(num / np.maximum(den, 1e-30)))
 
 
-def _compare_tool(ref: Path, cand: Path, provider: str, feeds: Path) -> str | None:
+def _compare_tool(ref: Path, cand: Path, provider: str, feeds: Path) -> str:
     """The verdict line of tools/compare.py under the lossy policy of ``compress``'s verification
-    (cosine ≥ 0.98, top-1 ≥ 0.9: every form here is lossy), or None where onnxcompress does not import."""
+    (cosine ≥ 0.98, top-1 ≥ 0.9: every form here is lossy), or why it could not run here."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     try:
         import onnxcompress.verify  # noqa: F401  (onnx, onnx-graphsurgeon: maybe not on a GPU machine)
-    except Exception:
-        return None
+    except Exception as exc:
+        return f"not run: onnxcompress does not import here ({type(exc).__name__}: {exc})"[:200]
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare.py"), str(ref), str(cand), "--providers",
                            provider, "--inputs", str(feeds), "--min-cosine", "0.98", "--min-top1", "0.9", "-q"],
                           capture_output=True, text=True, cwd=str(ROOT))
@@ -286,7 +286,7 @@ def render(results: dict, command: str) -> str:
         lat = ("1 ({:.3f} ms / {:.3f} ms)".format(*r["ms"]) if r["form"] == "fp32"
                else "{:.2f}× / {:.2f}×".format(*r["vs_fp32"]))
         out.append(head + f"{nodes} | {r['accuracy']:.4f} | {r['cosine']:.5f}, {r['top1']:.3f} | {same} | {lat} | "
-                   f"{r['compare'] or ''} |")
+                   f"{r['compare'] or ''} |")  # fp32: nothing to compare
     return "\n".join(out) + "\n"
 
 
