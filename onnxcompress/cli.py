@@ -239,6 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(lambda: _run(args, parser, targets, owners), bool(args.verbose))
 
 
+#: steps that change weights by approximation and that the teacher-guided repair (distill) can correct
+_REPAIRABLE = ("sparsify", "prune_channels", "share_weights", "low_rank", "merge_neurons")
+
+
+def _repair_hint(recipe, calib_data) -> str:
+    """What to try after a failed check: the layer-by-layer repair when the recipe prunes or shares
+    without it, else a milder setting."""
+    names = [s.name for s in recipe.steps]
+    lossy = [n for n in names if n in _REPAIRABLE]
+    if not lossy:
+        return ""
+    if "distill" in names:
+        return f"try a milder {lossy[0]} setting; "
+    return (f"repair {', '.join(lossy)} from the original with --distill"
+            + ("" if calib_data else " --calib-data DATA") + " or try a milder setting; ")
+
+
 def _run(args, parser, targets, owners) -> int:
     from onnxcompress.api import compress
 
@@ -269,6 +286,7 @@ def _run(args, parser, targets, owners) -> int:
     if not result.passed:
         print("onnxcompress: error: verification failed; output not written"
               + (" (kept because of --keep-failed)" if args.keep_failed else
-                 " (hint: see the parity table; --keep-failed writes it anyway)"), file=sys.stderr)
+                 f" (hint: see the parity table; {_repair_hint(recipe, args.calib_data)}--keep-failed writes it "
+                 "anyway)"), file=sys.stderr)
         return 1
     return 0

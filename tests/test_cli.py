@@ -96,3 +96,22 @@ def test_cuda_requested_without_gpu_is_reported_as_skipped(model_path, tmp_path,
         pytest.skip("this machine has CUDA: the skip path is not reachable")
     assert main([str(model_path), str(tmp_path / "o.onnx"), "--providers", "cpu,cuda"]) == 0
     assert "skipped cuda" in capsys.readouterr().out
+
+
+def test_failed_check_hints_at_the_repair_that_fits_the_recipe(tmp_path, capsys):
+    """Half the bundled MLP's weights zeroed fails the check on its digits (cosine 0.979 < 0.98); the
+    hint names the teacher-guided repair, which then passes; with the repair already there it says
+    to go milder instead. Nothing is written either time the check fails."""
+    from onnxcompress.datasets import bundled_model_path
+
+    src, out = bundled_model_path("mlp"), tmp_path / "o.onnx"
+    src, calib = str(src), str(src.with_name("mlp.calib.npz"))
+    assert main([src, str(out), "--prune", "0.5", "--calib-data", calib, "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "repair sparsify from the original with --distill or try a milder setting;" in err
+    assert "--calib-data DATA" not in err and not out.exists()
+    assert main([src, str(out), "--prune", "0.5", "--distill", "--calib-data", calib, "-q"]) == 0
+    assert out.exists()
+    out.unlink()
+    assert main([src, str(out), "--prune", "0.9", "--distill", "--calib-data", calib, "-q"]) == 1
+    assert "try a milder sparsify setting;" in capsys.readouterr().err and not out.exists()
