@@ -4,8 +4,9 @@ Issue 3 item 10. For each bundled digits model, its fp32 file and every output f
 writes (static QDQ int8, dynamic int8, int8 and int4 size-only storage, int4 MatMulNBits, fp16, bf16)
 are run with onnxruntime on each requested execution provider. Per form and provider:
 
-* where its nodes ran: the provider of every node, read from an onnxruntime profile (a form whose
-  nodes fall back to the CPU provider copies tensors between devices at every inference);
+* where its nodes ran: the provider and op type of every kernel, read from an onnxruntime profile (a
+  form whose nodes fall back to the CPU provider copies tensors between devices at every inference;
+  the table names the op types that did);
 * digits accuracy on the fixed 450-sample test split, the cosine of its logits against fp32's (same
   provider) and its top-1 agreement with fp32, and its top-1 agreement with the same file on the CPU
   provider (the form computes on this provider what it computes on the CPU: cosine ≥ 0.999 and top-1
@@ -126,24 +127,27 @@ def _logits(sess, x: np.ndarray) -> np.ndarray:
     return np.concatenate(out).astype(np.float64)
 
 
-def _placement(path: Path, provider: str, x: np.ndarray, work: Path) -> dict[str, int]:
-    """Nodes per execution provider in one profiled run (from onnxruntime's profile events)."""
+def _placement(path: Path, provider: str, x: np.ndarray, work: Path) -> dict[str, dict[str, int]]:
+    """Per execution provider, the op types of the kernels it ran and how many, in one profiled run
+    (from onnxruntime's profile events, which name each kernel's provider and op)."""
     sess = _session(path, provider, profile=str(work / "profile"))
-    sess.run(None, {sess.get_inputs()[0].name: x[:1] if _batch_free(sess) else x[:sess.get_inputs()[0].shape[0]]})
+    batch = 1 if _batch_free(sess) else sess.get_inputs()[0].shape[0]
+    sess.run(None, {sess.get_inputs()[0].name: x[:batch]})
     prof = Path(sess.end_profiling())
     try:
         events = json.loads(prof.read_text())
     finally:
         prof.unlink(missing_ok=True)
-    nodes: dict[str, str] = {}
+    kernels: dict[str, tuple[str, str]] = {}
     for e in events:
         args = e.get("args") or {}
         if e.get("cat") == "Node" and "provider" in args:
-            nodes[e["name"].rsplit("_kernel_time", 1)[0]] = args["provider"].replace("ExecutionProvider", "")
-    counts: dict[str, int] = {}
-    for p in nodes.values():
-        counts[p] = counts.get(p, 0) + 1
-    return counts
+            kernels[e["name"]] = (args["provider"].replace("ExecutionProvider", ""), args.get("op_name", "?"))
+    out: dict[str, dict[str, int]] = {}
+    for prov, op in kernels.values():
+        ops = out.setdefault(prov, {})
+        ops[op] = ops.get(op, 0) + 1
+    return out
 
 
 def _batch_free(sess) -> bool:
@@ -272,7 +276,8 @@ def render(results: dict, command: str) -> str:
     out += ["Accuracy: digits test split (450 samples). `vs fp32`: cosine of the logits and top-1 agreement "
             "with the fp32 file on the same provider. `same on CPU`: top-1 agreement and cosine with the same "
             "file on the CPU provider (pass: cosine ≥ 0.999, agreement ≥ 0.99). Latency: relative to fp32 on "
-            "the same provider, batch 1 / batch 64. `nodes`: nodes per execution provider in a profiled run.", "",
+            "the same provider, batch 1 / batch 64. `nodes`: kernels per execution provider in a profiled run (on "
+            "CUDA, the op types left on the CPU).", "",
             "| model | provider | form | bytes | nodes | accuracy | vs fp32 (cos, top-1) | same on CPU | latency b1 / "
             "b64 | tools/compare.py |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -281,7 +286,9 @@ def render(results: dict, command: str) -> str:
         if "error" in r:
             out.append(head + f"does not load: {r['error']} | | | | | |")
             continue
-        nodes = ", ".join(f"{k} {v}" for k, v in sorted(r["nodes"].items()))
+        nodes = "; ".join(f"{prov} {sum(ops.values())}" + (f" ({', '.join(sorted(ops))})" if prov == "CPU" and
+                                                               r["provider"] != "cpu" else "")
+                          for prov, ops in sorted(r["nodes"].items()))
         same = f"{'ok' if r['same_ok'] else '**differs**'} ({r['same_top1']:.3f}, {r['same_cosine']:.5f})"
         lat = ("1 ({:.3f} ms / {:.3f} ms)".format(*r["ms"]) if r["form"] == "fp32"
                else "{:.2f}× / {:.2f}×".format(*r["vs_fp32"]))
