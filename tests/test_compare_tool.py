@@ -65,6 +65,11 @@ def test_parity_failure_exit_1_and_loose_tolerance_flags(models, tmp_path):
     result = run_tool(models["ref"], models["off"], cwd=tmp_path)
     assert result.returncode == 1
     assert "FAIL" in result.stdout and "max abs error" in result.stdout
+    # a failure under the lossless default on random inputs says what else to try
+    assert "hint: the budget was lossless" in result.stderr and "--min-cosine 0.98 --min-top1 0.9" in result.stderr
+    assert "hint: the inputs were seeded random values" in result.stderr
+    result = run_tool(models["ref"], models["off"], "--inputs", _npz(tmp_path), "--min-cosine", "0.99999", cwd=tmp_path)
+    assert result.returncode == 1 and "hint:" not in result.stderr  # the user chose both: nothing to suggest
     # any tolerance flag replaces LOSSLESS entirely: a bias shift keeps the argmax and most of the direction
     result = run_tool(models["ref"], models["off"], "--min-top1", "0.5", "--inputs", _npz(tmp_path), "-q", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -7,7 +7,9 @@
 
 The reference is REF on the CPU provider with graph optimizations off; CAND runs on each provider
 with default optimizations. Without tolerance flags the LOSSLESS policy applies
-(``max|r - c| ≤ 1e-5 + 1e-4 · max|r|``); with any of them, exactly the criteria given.
+(``max|r - c| ≤ 1e-5 + 1e-4 · max|r|``); with any of them, exactly the criteria given. A failure
+under that default budget, or on seeded random inputs, ends with a hint on stderr (a lossy budget;
+``--inputs`` with data like the model's own).
 
 Exit codes: 0 parity passed; 1 parity failed; 2 usage error (bad flags, missing files, bad inputs);
 3 a model onnxruntime cannot load; 4 internal error. Errors are one line on stderr with a hint; ``-v``
@@ -130,7 +132,22 @@ def run(argv: list[str] | None = None) -> int:
         print(report.summary().splitlines()[0])
     else:
         print(report.summary())
+        if not report.passed:
+            for hint in _failure_hints(args):
+                print(f"hint: {hint}", file=sys.stderr)
     return 0 if report.passed else 1
+
+
+def _failure_hints(args) -> list[str]:
+    """What to try when parity failed under a setting that only suits some candidates."""
+    hints = []
+    if not any(getattr(args, f) is not None for f in _TOLERANCE_FLAGS):
+        hints.append("the budget was lossless (no tolerance flag); a quantized, pruned or shared candidate is judged "
+                     "by a lossy one, e.g. --min-cosine 0.98 --min-top1 0.9")
+    if not args.inputs:
+        hints.append("the inputs were seeded random values, out of distribution for a model calibrated or pruned on "
+                     "real data; compare on data like its own with --inputs DATA.npz")
+    return hints
 
 
 if __name__ == "__main__":
