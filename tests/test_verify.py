@@ -86,6 +86,26 @@ def test_metrics_top1_and_degenerate_cosine():
     assert compute_metrics("v", np.ones(4, np.float32), np.ones(4, np.float32)).top1 is None  # not (N, C)
 
 
+def test_metrics_stay_finite_for_float64_outputs_near_the_top_of_the_range():
+    """r·r of values near 1e300 overflows float64; the sums are kept relative to the largest |value|, so
+    cosine and SNR are those of the same values scaled down, and streaming them in batches of
+    different magnitude gives what one batch gives."""
+    from onnxcompress.verify.metrics import MetricAccumulator
+
+    ref = np.array([[1.0, 2.0, 3.0], [3.0, -1.0, 0.5]])
+    cand = ref * np.array([1.01, 0.99, 1.0])
+    expect = compute_metrics("y", ref, cand)
+    with np.errstate(over="raise", invalid="raise"):
+        big = compute_metrics("y", ref * 1e300, cand * 1e300)
+        acc = MetricAccumulator("y")
+        acc.update(ref[:1] * 1e-300, cand[:1] * 1e-300)  # a tiny batch first, then the huge one
+        acc.update(ref[1:] * 1e300, cand[1:] * 1e300)
+        streamed = acc.result()
+    assert big.cosine == pytest.approx(expect.cosine, abs=1e-12)
+    assert big.snr_db == pytest.approx(expect.snr_db, abs=1e-9)
+    assert streamed.cosine == pytest.approx(compute_metrics("y", ref[1:], cand[1:]).cosine, abs=1e-12)
+
+
 def test_metrics_mismatches_are_reported_not_raised():
     ref = np.zeros((2, 3), np.float32)
     assert "shape (2, 4) differs" in compute_metrics("y", ref, np.zeros((2, 4), np.float32)).mismatch

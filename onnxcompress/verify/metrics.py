@@ -89,7 +89,8 @@ class MetricAccumulator:
         self._max_abs = 0.0
         self._sum_abs = 0.0
         self._ref_max_abs = 0.0
-        self._rc = self._rr = self._cc = self._dd = 0.0
+        self._rc = self._rr = self._cc = self._dd = 0.0  # dot products of the values divided by _scale
+        self._scale = 0.0  # the largest |value| seen: keeps r·r finite for float64 values near 1e300
         self._rows = self._agree = 0
         self._seen = False
 
@@ -130,10 +131,18 @@ class MetricAccumulator:
             self._sum_abs += float(abs_diff.sum())
             self._ref_max_abs = max(self._ref_max_abs, float(np.abs(rf).max()))
             self._finite += rf.size
-            self._rc += float(rf @ cf)
-            self._rr += float(rf @ rf)
-            self._cc += float(cf @ cf)
-            self._dd += float(diff @ diff)
+            scale = max(self._ref_max_abs, float(np.abs(cf).max()))
+            if scale > self._scale:  # cosine and SNR are ratios: rescaling every sum leaves them exact
+                shrink = (self._scale / scale) ** 2
+                self._rc, self._rr, self._cc, self._dd = (v * shrink for v in (self._rc, self._rr, self._cc, self._dd))
+                self._scale = scale
+            if self._scale > 0.0:
+                rs, cs = rf / self._scale, cf / self._scale
+                ds = rs - cs
+                self._rc += float(rs @ cs)
+                self._rr += float(rs @ rs)
+                self._cc += float(cs @ cs)
+                self._dd += float(ds @ ds)
         if self._is_float and is_classifier_shape(ref.shape):
             rows = ref.shape[0]
             self._rows += rows
