@@ -186,6 +186,37 @@ def test_consecutive_declines_when_no_saving_or_nonlinear_or_shared():
     assert_lossless(m, out, feed(2, 8))
 
 
+def test_linear_rules_decline_non_finite_weights_and_gemm_scalars():
+    """A weight holding Inf, or a Gemm alpha of NaN, is not folded or merged: inf · 0 would make NaNs the
+    original never produces (the case a mutated file once turned into a RuntimeWarning). The same
+    chains with finite values merge."""
+    import onnx_graphsurgeon as gs
+
+    from onnxcompress.fuse.patterns import as_linear
+
+    def chains(w1_bad: bool, alpha: float) -> onnx.ModelProto:
+        rng = np.random.default_rng(9)
+        w1 = randn(rng, 8, 16)
+        if w1_bad:
+            w1[0, 0] = np.inf
+        m = parse(f"""{header()}
+        g (float[N, 8] x) => (float[N, 4] y, float[N, 4] z) {{
+            h = MatMul (x, w1)  y = MatMul (h, w2)
+            k = Gemm <alpha = 1.0> (x, w3)  z = MatMul (k, w4)
+        }}""", w1=w1, w2=randn(rng, 16, 4), w3=randn(rng, 8, 16), w4=randn(rng, 16, 4))
+        next(n for n in m.graph.node if n.op_type == "Gemm").attribute[0].f = alpha
+        return m
+
+    good, _ = fuse(chains(False, 1.0), rules=("consecutive_linear",))
+    assert sum(ops(good).values()) == 2  # both chains merge (4 layers -> 2) when their values are finite
+    bad = chains(True, float("nan"))
+    out, _ = fuse(bad, rules=("consecutive_linear",))
+    assert ops(out) == ops(bad)  # nothing merged
+    g = gs.import_onnx(bad)
+    why = {n.op: as_linear(n, g)[1] for n in g.nodes if n.op == "Gemm" or n.inputs[1].name == "w1"}
+    assert why == {"MatMul": "the weight 'w1' holds NaN or Inf values", "Gemm": "Gemm alpha=nan / beta=1 is not finite"}
+
+
 def test_consecutive_conv1x1_merges_and_declines_padding():
     rng = np.random.default_rng(8)
     m = parse(f"""{header()}

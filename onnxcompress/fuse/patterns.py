@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -190,12 +192,16 @@ def as_linear(node: gs.Node, graph: gs.Graph) -> tuple[Linear | None, str]:
     w = np.asarray(w)
     if w.ndim != 2 or not is_float(w):
         return None, f"the weight {wt.name!r} is not a 2-D float matrix"
+    if not np.isfinite(w).all():  # products with it would move NaNs around (inf · 0), not preserve them
+        return None, f"the weight {wt.name!r} holds NaN or Inf values"
     if node.op == "MatMul":
         return Linear(node, x, w, None, wt, None), ""
     if int(node.attrs.get("transA", 0)):
         return None, "Gemm with transA=1"
     alpha = float(node.attrs.get("alpha", 1.0))
     beta = float(node.attrs.get("beta", 1.0))
+    if not (math.isfinite(alpha) and math.isfinite(beta)):
+        return None, f"Gemm alpha={alpha:g} / beta={beta:g} is not finite"
     w_eff = (w.T if int(node.attrs.get("transB", 0)) else w) * np.asarray(alpha, dtype=w.dtype)
     bias, bt = None, None
     if len(node.inputs) > 2 and node.inputs[2].name:
