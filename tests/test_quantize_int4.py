@@ -446,3 +446,20 @@ def test_bundled_mlp_variants_keep_accuracy(variant):
     # two of three Gemm per copy of the graph (the output layer stays float); If: both branches
     assert op_counts(out)[MS_NBITS] == (2 if variant == "constant_nodes" else 4)
     assert datasets.digits_accuracy(out) >= datasets.digits_accuracy(fp32) - 0.01
+
+
+def test_a_conv_model_gets_a_note_instead_of_a_silent_no_op():
+    """The bundled CNN keeps 97% of its layer weights in Conv layers and its classifier float (keep_last):
+    --int4 quantizes nothing, and the summary says why and what stores Conv weights in 4 bits; a
+    model with a quantized MatMul gets no such note."""
+    import onnxcompress as oc
+    from onnxcompress.datasets import bundled_model_path
+    from onnxcompress.recipes import preset_recipe
+
+    res = oc.compress(str(bundled_model_path("cnn")), preset_recipe(["int4"]))
+    assert "MatMulNBits" not in {n.op_type for n in res.model.graph.node}
+    (note,) = [n for n in res.report.notes if n.startswith("quantize_int4: no layer was quantized")]
+    assert "97% of this model's layer weights are in Conv layers; --storage int4" in note
+    res = oc.compress(str(bundled_model_path("mlp")), preset_recipe(["int4"]))
+    assert "MatMulNBits" in {n.op_type for n in res.model.graph.node}
+    assert not any(n.startswith("quantize_int4: no layer") for n in res.report.notes)

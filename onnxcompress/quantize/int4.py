@@ -506,6 +506,12 @@ class QuantizeInt4Pass(Pass):
             targets.append(t)
         if not targets:
             res.details = {"layers": [], "format": cfg.format}
+            conv = sum(_weight_elements(n) for n, _ in iter_nodes(graph) if n.op in ("Conv", "ConvTranspose"))
+            if conv and ctx is not None:
+                total = layer_weight_elements(graph)
+                ctx.note(f"quantize_int4: no layer was quantized: 4-bit blocks cover MatMul/Gemm only, and "
+                         f"{100 * conv / max(total, 1):.0f}% of this model's layer weights are in Conv layers; "
+                         f"--storage int4 stores those in 4 bits (size only, fp32 speed)")
             return res
 
         method = cfg.method
