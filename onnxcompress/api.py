@@ -197,6 +197,7 @@ def _lean(obj: Any) -> Any:
 
 
 def _verify(src: ModelSource, out: onnx.ModelProto, recipe: Recipe, ctx: Context, lossless: bool):
+    from onnxcompress.data import FeedsUsedUp
     from onnxcompress.verify import LOSSY_RANDOM, Tolerance, compare_models, policy_for
 
     v = recipe.verify
@@ -210,7 +211,7 @@ def _verify(src: ModelSource, out: onnx.ModelProto, recipe: Recipe, ctx: Context
     if source is not None:
         try:
             feeds = [f for _, f in zip(range(2), source)] or None
-        except CalibrationError:
+        except FeedsUsedUp:
             feeds = None  # a one-shot reader or generator was used up by calibration
         if feeds is None and not getattr(source, "_one_shot", False):
             raise CalibrationError("the calibration data holds no feeds", where="verify",

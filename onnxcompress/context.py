@@ -61,12 +61,14 @@ class Context:
     # -- data -----------------------------------------------------------------------------------
 
     def feeds(self, model: onnx.ModelProto | None = None, *, batch_size: int | None = None):
-        """The calibration data as a re-iterable feed source, or None when no data was given."""
+        """The calibration data as a re-iterable feed source, or None when no data was given; with
+        ``model``, each feed is checked against its inputs as it is read."""
         if self.data is None:
             return None
-        from onnxcompress.data import as_feed_source
+        from onnxcompress.data import as_feed_source, checked_source
 
-        return as_feed_source(self.data, model=model, batch_size=batch_size)
+        source = as_feed_source(self.data, model=model, batch_size=batch_size)
+        return checked_source(source, model) if model is not None else source
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator seeded from the run's seed and ``salt`` (stable across runs and passes)."""

@@ -45,6 +45,7 @@ from onnxcompress.errors import CalibrationError, ModelError, RecipeError, did_y
 __all__ = [
     "InputSpec",
     "FeedSource",
+    "FeedsUsedUp",
     "read_model",
     "input_specs",
     "resolve_shapes",
@@ -52,6 +53,7 @@ __all__ = [
     "parse_shape_args",
     "as_feed_source",
     "validate_feed",
+    "checked_source",
     "load_feeds",
     "is_float_dtype",
 ]
@@ -439,6 +441,10 @@ def _table_rows(node: onnx.NodeProto, index: int, tables: dict[str, tuple[int, .
 # --------------------------------------------------------------------------------------------- sources
 
 
+class FeedsUsedUp(CalibrationError):
+    """A one-shot feed source (an iterator, a reader without ``rewind()``) was asked for its feeds again."""
+
+
 class FeedSource:
     """An iterable of feed dicts.
 
@@ -465,7 +471,7 @@ class FeedSource:
 
     def labeled(self) -> Iterator[tuple[str, Feed]]:
         if self._one_shot and self._used:
-            raise CalibrationError(
+            raise FeedsUsedUp(
                 f"{self.description} can be read only once and was already read",
                 where="feeds",
                 hint="pass a list, a file or a folder, or a reader with a rewind() method",
@@ -527,6 +533,19 @@ def as_feed_source(
         where="feeds",
         hint="pass a dict, a list of dicts, an .npz file, a folder of .npz files or a CalibrationDataReader",
     )
+
+
+def checked_source(source: FeedSource, model: onnx.ModelProto | str | os.PathLike | bytes) -> FeedSource:
+    """``source`` with every feed checked against ``model``'s inputs (:func:`validate_feed`) as it is
+    read, so a feed of the wrong name, dtype or shape fails where it is named, before onnxruntime."""
+    specs = input_specs(model)
+
+    def make() -> Iterator[tuple[str, Feed]]:
+        for label, feed in source.labeled():
+            validate_feed(specs, feed, where=label)
+            yield label, feed
+
+    return FeedSource(make, description=source.description, length=source.length, one_shot=source._one_shot)
 
 
 def _labeled_items(items: Iterable[Any]) -> Iterator[tuple[str, Feed]]:

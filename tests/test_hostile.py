@@ -359,6 +359,22 @@ def test_bad_calibration_data(capsys, tmp_path, data, needle):
     _refused(capsys, tmp_path, inp, 2, needle, extra=["--calib-data", npz])
 
 
+@pytest.mark.parametrize("flags", [["--int8"], ["--int4"], ["--prune-channels", "0.25", "--prune-importance",
+                                                             "activation"], ["--distill"]],
+                         ids=["int8-static", "int4-gptq", "prune-activation", "distill"])
+def test_calibration_data_for_another_model_is_refused_where_it_is_read(capsys, tmp_path, flags):
+    """The CNN's calibration images given to the MLP: every pass that reads the data names the file, the
+    batch and the shape mismatch (exit 2), where it was once 'unexpected InvalidArgument ... a bug'."""
+    from onnxcompress.datasets import bundled_model_path
+
+    src = bundled_model_path("mlp")
+    inp = _write(tmp_path, "mlp.onnx", src.read_bytes())
+    npz = _write(tmp_path, "cnn.calib.npz", src.with_name("cnn.calib.npz").read_bytes())
+    line = _refused(capsys, tmp_path, inp, 2, "cnn.calib.npz[0:32]: input 'x' has rank 4 (32, 1, 8, 8), expected "
+                    "rank 2", extra=[*flags, "--calib-data", npz])
+    assert "bug" not in line
+
+
 def test_calibration_file_missing_or_not_npz(capsys, tmp_path):
     inp = _write(tmp_path, "in.onnx", _relu())
     _refused(capsys, tmp_path, inp, 2, "calib", extra=["--calib-data", tmp_path / "missing.npz"])
