@@ -20,7 +20,7 @@ from typing import Any
 import onnx
 
 from onnxcompress.context import Context
-from onnxcompress.errors import CalibrationError, ParityError, RecipeError
+from onnxcompress.errors import CalibrationError, ParityError, RecipeError, did_you_mean
 from onnxcompress.graph.io import ModelLike, ModelSource, graph_to_model, model_to_graph, open_model, save
 from onnxcompress.passes.base import Pipeline
 from onnxcompress.recipe import Recipe
@@ -76,8 +76,10 @@ def _file_size(path: Path) -> int:
     return size + (data.stat().st_size if data.exists() else 0)
 
 
-def resolve_recipe(recipe: Recipe | dict | str | os.PathLike | None) -> Recipe:
-    """A Recipe from a Recipe, a dict, a recipe file path, or None (the lossless default)."""
+def resolve_recipe(recipe: Recipe | dict | str | os.PathLike | list[str] | tuple[str, ...] | None) -> Recipe:
+    """A Recipe from a Recipe, a dict, a recipe file path, a preset name or a list of them (``"int8"``,
+    ``["int4", "fp16"]``: the CLI's ``--int8`` ... switches, after the lossless prefix), or None (the
+    lossless default). A string that names an existing file is read as a recipe file."""
     if recipe is None:
         from onnxcompress.recipes import default_recipe
 
@@ -86,15 +88,32 @@ def resolve_recipe(recipe: Recipe | dict | str | os.PathLike | None) -> Recipe:
         return recipe
     if isinstance(recipe, dict):
         return Recipe.from_dict(recipe)
+    if isinstance(recipe, str) and not Path(recipe).exists() and not recipe.lower().endswith(
+            (".json", ".yaml", ".yml", ".toml")):
+        return _preset_names([recipe])
     if isinstance(recipe, (str, os.PathLike)):
         return Recipe.from_file(recipe)
+    if isinstance(recipe, (list, tuple)) and all(isinstance(n, str) for n in recipe):
+        return _preset_names(list(recipe))
     raise RecipeError(f"cannot use a {type(recipe).__name__} as a recipe", where="compress",
-                      hint="pass a Recipe, a dict or a recipe file path")
+                      hint="pass a Recipe, a dict, a recipe file path, or preset names such as \"int8\"")
+
+
+def _preset_names(names: list[str]) -> Recipe:
+    from onnxcompress.recipes import PRESETS, preset_recipe
+
+    known = [p.name for p in PRESETS]
+    keys = [n.replace("-", "_") for n in names]
+    for given, key in zip(names, keys):
+        if key not in known:
+            raise RecipeError(f"{given!r} is neither a recipe file nor a preset{did_you_mean(key, known)}",
+                              where="compress", hint=f"presets: {', '.join(known)}; or pass a recipe file path")
+    return preset_recipe(keys)
 
 
 def compress(
     model: ModelLike | ModelSource,
-    recipe: Recipe | dict | str | os.PathLike | None = None,
+    recipe: Recipe | dict | str | os.PathLike | list[str] | None = None,
     *,
     data: Any = None,
     source: Any = None,
@@ -104,7 +123,8 @@ def compress(
     """Compress ``model`` with ``recipe`` and verify the result.
 
     ``model``: a path, bytes or ModelProto (copied; the caller's object is never modified).
-    ``recipe``: a Recipe, a dict, a recipe file, or None for the lossless passes only.
+    ``recipe``: a Recipe, a dict, a recipe file, a preset name or list of names (``"int8"``), or None
+    for the lossless passes only.
     ``data``: calibration data (an ``.npz`` path, a folder of ``.npz`` files, an iterable of feed
     dicts or a CalibrationDataReader); also used as the verification feed.
     ``source``: a second model for transfer passes. ``context``: a prepared Context (advanced).

@@ -159,3 +159,23 @@ def test_random_verification_feeds_judge_a_lossy_result_by_cosine_and_report_top
     real = oc.compress(path, recipe, data=digits_feeds(path, "calib"))
     assert real.parity.tolerance == LOSSY and real.parity.passed   # on digits: top-1 enforced and kept
     assert not any("not enforced" in n for n in real.report.notes)
+
+
+def test_recipe_by_preset_name(tmp_path):
+    """compress(path, "int8") is compress(path, preset_recipe(["int8"])): the CLI switches by name (a hyphen
+    as in the flag is fine), a list of them in order; an unknown name says what it might have meant; a
+    string that names a file is still read as a recipe file."""
+    from onnxcompress.recipes import preset_recipe
+
+    m = b.mlp()
+    assert oc.compress(m, "int8").report.steps[-2].name == "quantize_int8"
+    names = [s.name for s in oc.compress(m, ["int4", "fp16"]).report.steps]
+    assert names == [s.name for s in preset_recipe(["int4", "fp16"]).steps]
+    assert oc.compress(m, "deep-compression", data=[{"x": np.zeros((2, 16), np.float32)}] * 2).report.steps
+    with pytest.raises(oc.RecipeError, match=r"'int9' is neither a recipe file nor a preset \(did you mean 'int8'"):
+        oc.compress(m, "int9")
+    with pytest.raises(oc.RecipeError, match="cannot use a list"):
+        oc.compress(m, ["int8", 3])
+    r = tmp_path / "int8"  # a file of that name wins over the preset
+    r.write_text(json.dumps(preset_recipe(["fp16"]).to_dict()))
+    assert "convert_fp16" in [s.name for s in oc.compress(m, str(r)).report.steps]
