@@ -187,9 +187,12 @@ def _compare_tool(ref: Path, cand: Path, provider: str, feeds: Path) -> str:
         import onnxcompress.verify  # noqa: F401  (onnx, onnx-graphsurgeon: maybe not on a GPU machine)
     except Exception as exc:
         return f"not run: onnxcompress does not import here ({type(exc).__name__}: {exc})"[:200]
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare.py"), str(ref), str(cand), "--providers",
-                           provider, "--inputs", str(feeds), "--min-cosine", "0.98", "--min-top1", "0.9", "-q"],
-                          capture_output=True, text=True, cwd=str(ROOT))
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare.py"), str(ref), str(cand), "--providers",
+                               provider, "--inputs", str(feeds), "--min-cosine", "0.98", "--min-top1", "0.9", "-q"],
+                              capture_output=True, text=True, cwd=str(ROOT), timeout=300)
+    except subprocess.TimeoutExpired:
+        return "not finished in 300 s"
     lines = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
     return f"rc {proc.returncode}: {lines[-1] if lines else ''}"[:200]
 
