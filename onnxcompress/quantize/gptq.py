@@ -5,7 +5,7 @@ quantized Ŵ is ‖X(W − Ŵ)‖² = Σ_n (w_n − ŵ_n)ᵀ H (w_n − ŵ_n) / 
 2022) quantizes the input features k one at a time and moves each one's rounding error onto the
 features not yet quantized, which is the optimal least-squares update for H::
 
-    H ← H + λ·mean(diag H)·I              (damping; dead features with H_kk = 0 get H_kk = 1, w_k = 0)
+    H ← H + λ·mean(diag H)·I              (damping; dead features with H_kk = 0 get H_kk = 1)
     U = chol(H⁻¹)ᵀ                        (upper Cholesky factor of the inverse)
     for each block of bs features [i1, i2):   scales/zero points chosen on the *updated* block
         for k in block:  q_k = quant(w_k);  e = (w_k − q_k) / U_kk;  w_j −= e·U_kj  for j > k
@@ -13,6 +13,14 @@ features not yet quantized, which is the optimal least-squares update for H::
 
 The per-block scale is chosen by the clipping search of :mod:`onnxcompress.quantize.int4` weighted
 by diag(H) (so GPTQ is never given a worse starting grid than the search).
+
+*Dead features* (H_kk = 0: zero in every calibration sample, like a digit image's border pixels) keep
+their weights. The reference implementation zeroes them, which costs nothing on the calibration data
+but changes the answer for every input that does activate them: on the digits MLP with noisy inputs
+(σ = 0.12 pixel noise, 4,950 samples) the logit MSE against fp32 was 0.30 with zeroing against 0.015
+with the weights kept (block 64), and the held-out clean digits' MSE fell from 0.0141 to 0.0133. With
+H_kk = 1 and no off-diagonal terms, their rounding errors move onto no other feature; they weigh
+1% of the mean live diag(H) in the block's scale search, so the search does not ignore them.
 
 Statistics are streamed: onnxruntime runs the model with the layers' input tensors as extra outputs,
 batch by batch; only the running sums XᵀX [K, K] (for GPTQ) or Σx² [K] (for the search) are kept,
@@ -117,14 +125,14 @@ def gptq_quantize(w_rows: np.ndarray, hessian: np.ndarray, block_size: int, *, s
     diag = np.diag(h).copy()
     dead = diag <= 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     h[np.diag_indices(kp)] += damp * float(np.mean(np.diag(h)))
     try:
         u = np.linalg.cholesky(np.linalg.inv(h)).T
     except np.linalg.LinAlgError:  # not positive definite even after damping: more damping
         h[np.diag_indices(kp)] += 0.1 * float(np.mean(np.diag(h)))
         u = np.linalg.cholesky(np.linalg.inv(h)).T
-    imp = np.where(dead, 0.0, diag)
+    live = diag[~dead]  # dead features: not zeroed (see the module docstring), a small weight in the search
+    imp = np.where(dead, 1e-2 * float(live.mean()) if live.size else 1.0, diag)
     q = np.zeros((n, kp), np.uint8)
     scales = np.zeros((n, nb))
     zeros = np.zeros((n, nb))
