@@ -15,7 +15,10 @@ Per model, block size and level it reports, for onnxruntime, the default and ``w
   gets right, and the exact two-sided McNemar p-value (binomial on the b + c discordant samples);
 * the logit mean squared error against the fp32 model on the train split (1091 samples that neither
   the test split nor the calibration data holds; how close each is to the model it compresses);
-* the held-out and the test samples whose top-1 class differs from fp32's, and the file size in bytes.
+* the held-out and the test samples whose top-1 class differs from fp32's, and the file size in bytes;
+* which test samples change class, with fp32's margin there;
+* accuracy, agreement with fp32 and the paired comparison on a larger, harder population: the test
+  split and 10 noisy copies of it (4,950 samples, ``datasets.noisy_test_feeds``).
 
     python bench/int4_block_sizes.py                 # prints the tables
     python bench/int4_block_sizes.py --write-docs    # ... and writes them into docs/benchmarks.md
@@ -38,19 +41,18 @@ SECTION = "int4-block-sizes"
 MODELS = ("mlp", "cnn", "transformer")
 VARIANTS = (("rtn", 8), ("rtn", 4), ("search", 8), ("search", 4))
 HELD_OUT = "train"  # neither the test split nor the calibration data
+NOISY = "noisy"  # the test split and 10 noisy copies (datasets.noisy_test_feeds): 4,950 samples
 
 
-def logits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The model's logits on the test and the held-out split, from one onnxruntime session."""
+def logits(model: onnx.ModelProto, feeds: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The model's logits on every named population of ``feeds``, from one onnxruntime session."""
     import onnxruntime as ort
-
-    from onnxcompress.datasets import digits_feeds
 
     s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     out = {}
-    for split in ("test", HELD_OUT):
-        (name, x), = digits_feeds(model, split).items()
-        out[split] = np.concatenate([s.run(None, {name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
+    for split, feed in feeds.items():
+        (name, x), = feed.items()
+        out[split] = np.concatenate([s.run(None, {name: x[i:i + 512]})[0] for i in range(0, len(x), 512)])
     return out
 
 
@@ -88,24 +90,29 @@ class Scorer:
     """Test predictions and held-out logits of the fp32 model, to score its compressed versions against."""
 
     def __init__(self, fp32: onnx.ModelProto):
-        from onnxcompress.datasets import digits_split
+        from onnxcompress.datasets import digits_feeds, digits_split, noisy_test_feeds
 
         self.labels = digits_split("test")[1]
-        self.ref = logits(fp32)
+        noisy, self.noisy_labels = noisy_test_feeds(fp32)
+        self.feeds = {"test": digits_feeds(fp32, "test"), HELD_OUT: digits_feeds(fp32, HELD_OUT), NOISY: noisy}
+        self.ref = logits(fp32, self.feeds)
         top2 = np.sort(self.ref["test"], axis=1)[:, -2:]
         self.margin = top2[:, 1] - top2[:, 0]  # fp32's top-1 logit minus its runner-up, per test sample
         self.rank = np.empty(len(self.margin), dtype=int)  # 1 = the test sample closest to a class boundary
         self.rank[np.argsort(self.margin, kind="stable")] = np.arange(1, len(self.margin) + 1)
 
     def __call__(self, model: onnx.ModelProto) -> dict:
-        out = logits(model)
+        out = logits(model, self.feeds)
         pred, val, ref_val = out["test"].argmax(axis=1), out[HELD_OUT], self.ref[HELD_OUT]
+        noisy = out[NOISY].argmax(axis=1)
         flipped = np.flatnonzero(pred != self.ref["test"].argmax(axis=1))
         return {"correct": pred == self.labels, "acc": float(np.mean(pred == self.labels)),
                 "val_mse": float(np.mean((val - ref_val) ** 2)),
                 "flips": len(flipped),
                 "flipped": [(int(i), float(self.margin[i]), int(self.rank[i])) for i in flipped],
-                "val_flips": int(np.sum(val.argmax(axis=1) != ref_val.argmax(axis=1))), "bytes": model.ByteSize()}
+                "val_flips": int(np.sum(val.argmax(axis=1) != ref_val.argmax(axis=1))), "bytes": model.ByteSize(),
+                "noisy_correct": noisy == self.noisy_labels, "noisy_acc": float(np.mean(noisy == self.noisy_labels)),
+                "noisy_agree": float(np.mean(noisy == self.ref[NOISY].argmax(axis=1)))}
 
 
 def run() -> list[dict]:
@@ -121,7 +128,8 @@ def run() -> list[dict]:
         for block in (32, 64, 128):
             for level in (0, 4):
                 ort_s = score(ort_model(path, block, level))
-                row = {"model": name, "block": block, "level": level, "ort": ort_s}
+                row = {"model": name, "block": block, "level": level, "ort": ort_s,
+                       "fp32_noisy_acc": float(np.mean(score.ref[NOISY].argmax(axis=1) == score.noisy_labels))}
                 for method, bits in VARIANTS:
                     row[f"{method}/{bits}"] = score(our_model(path, block, level, method, bits))
                 row["ort layers"] = score(our_model(path, block, level, "rtn", 4, exclude=gemms))
@@ -178,7 +186,27 @@ def render(rows: list[dict], command: str) -> str:
             + ("; ".join(misses) if misses else "none") + ".",
             "", "With calibration data (`with data`) it is below at: "
             + ("; ".join(data_misses) if data_misses else "none") + "."]
-    return "\n".join(out + render_flips(rows)) + "\n"
+    return "\n".join(out + render_flips(rows) + render_noisy(rows)) + "\n"
+
+
+def render_noisy(rows: list[dict]) -> list[str]:
+    """Accuracy on the noisy population, where 4,950 samples can tell apart what 450 cannot."""
+    out = ["", "The test split and 10 noisy copies of it (`datasets.noisy_test_feeds`: every pixel + N(0, 2²) "
+           "levels, rounded, clipped to 0..16; 4,950 samples): accuracy and top-1 agreement with fp32 for "
+           "onnxruntime RTN / the default / with data, and the paired comparison of each of ours with onnxruntime "
+           "(`b/c`: samples only onnxruntime / only ours gets right; exact McNemar p).", "",
+           "| model | block | level | fp32 | accuracy | agreement with fp32 | default vs onnxruntime | with data vs "
+           "onnxruntime |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o, d, g = r["ort"], r["rtn/8"], r["with data"]
+        pairs = []
+        for s in (d, g):
+            b, c = int(np.sum(o["noisy_correct"] & ~s["noisy_correct"])), int(np.sum(~o["noisy_correct"] & s["noisy_correct"]))
+            pairs.append(f"{b}/{c}, p = {mcnemar_p(b, c):.2f}")
+        out.append(f"| {r['model']} | {r['block']} | {r['level']} | {r['fp32_noisy_acc']:.4f} | {o['noisy_acc']:.4f} / "
+                   f"{d['noisy_acc']:.4f} / {g['noisy_acc']:.4f} | {o['noisy_agree']:.4f} / {d['noisy_agree']:.4f} / "
+                   f"{g['noisy_agree']:.4f} | {pairs[0]} | {pairs[1]} |")
+    return out
 
 
 def render_flips(rows: list[dict]) -> list[str]:

@@ -42,6 +42,7 @@ __all__ = [
     "digits_accuracy",
     "digits_feeds",
     "digits_split",
+    "noisy_test_feeds",
 ]
 
 BUNDLED_MODELS = ("mlp", "cnn", "transformer")
@@ -190,6 +191,23 @@ def digits_feeds(name_or_model: ModelLike, split: str = "test") -> dict[str, np.
     name, layout, dtype = _model_input(name_or_model)
     x, _ = digits_split(split)
     return {name: _to_layout(x * _PIXEL_MAX, layout, dtype)}
+
+
+def noisy_test_feeds(name_or_model: ModelLike, *, copies: int = 10, sigma: float = 2.0,
+                     seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The test split followed by ``copies`` noisy copies of it, as ``(feeds, labels)``: a larger,
+    harder test population for comparisons that the 450 clean samples cannot tell apart.
+
+    Each copy adds seeded Gaussian noise of ``sigma`` pixel levels (of 0..16) to every pixel, rounds to
+    the integer levels and clips to 0..16, so every layout (tokens included) sees valid values. The
+    labels are the test labels, repeated. ``seed`` fixes the noise."""
+    name, layout, dtype = _model_input(name_or_model)
+    x, y = digits_split("test")
+    pixels = x * _PIXEL_MAX
+    rng = np.random.default_rng(seed)
+    noisy = [pixels] + [np.clip(np.rint(pixels + rng.normal(0.0, sigma, pixels.shape)), 0, _PIXEL_MAX)
+                        for _ in range(copies)]
+    return {name: _to_layout(np.concatenate(noisy).astype(np.float32), layout, dtype)}, np.tile(y, copies + 1)
 
 
 def digits_accuracy(

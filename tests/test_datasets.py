@@ -321,3 +321,22 @@ def test_bundled_calibration_file_is_the_calib_split(name):
     assert key == INPUTS[name]
     expected = datasets.digits_feeds(name, "calib")[key]
     np.testing.assert_array_equal(data[key], expected)
+
+
+def test_noisy_test_feeds_are_valid_seeded_and_start_with_the_clean_split():
+    from onnxcompress.datasets import digits_feeds, digits_split, noisy_test_feeds
+
+    for name in datasets.BUNDLED_MODELS:
+        feeds, labels = noisy_test_feeds(name, copies=3)
+        ((key, x),) = feeds.items()
+        ((_, clean),) = digits_feeds(name, "test").items()
+        assert key == next(iter(digits_feeds(name, "test"))) and x.dtype == clean.dtype
+        assert len(x) == 4 * len(clean) and np.array_equal(labels, np.tile(digits_split("test")[1], 4))
+        assert np.array_equal(x[:len(clean)], clean)              # the clean split first, unchanged
+        flat = x.reshape(len(x), -1).astype(np.float64) * (1 if name == "transformer" else 16)
+        assert flat.min() >= 0 and flat.max() <= 16 and np.allclose(flat, np.rint(flat), atol=1e-4)  # valid levels
+        assert not np.array_equal(x[len(clean):2 * len(clean)], clean)  # the copies really are noisy
+        again, _ = noisy_test_feeds(name, copies=3)
+        assert np.array_equal(again[key], x)
+        other, _ = noisy_test_feeds(name, copies=3, seed=1)
+        assert not np.array_equal(other[key], x)
