@@ -150,6 +150,15 @@ def test_gptq_keeps_features_the_calibration_data_never_activates():
     assert live < rtn_live
 
 
+def test_dead_feature_floor():
+    """Importance 0 (never active in the calibration data) becomes 1% of the mean live importance; the
+    live values are untouched; all-dead falls back to uniform."""
+    from onnxcompress.quantize.int4 import with_dead_floor
+
+    np.testing.assert_allclose(with_dead_floor(np.array([0.0, 2.0, 4.0, 0.0])), [0.03, 2.0, 4.0, 0.03])
+    np.testing.assert_allclose(with_dead_floor(np.zeros(3)), np.ones(3))
+
+
 def test_gptq_through_the_pass_with_calibration_feeds():
     m = builders.mlp((64, 96, 10))
     rng = np.random.default_rng(2)

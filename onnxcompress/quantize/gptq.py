@@ -20,7 +20,8 @@ but changes the answer for every input that does activate them: on the digits ML
 (σ = 0.12 pixel noise, 4,950 samples) the logit MSE against fp32 was 0.30 with zeroing against 0.015
 with the weights kept (block 64), and the held-out clean digits' MSE fell from 0.0141 to 0.0133. With
 H_kk = 1 and no off-diagonal terms, their rounding errors move onto no other feature; they weigh
-1% of the mean live diag(H) in the block's scale search, so the search does not ignore them.
+1% of the mean live diag(H) in the block's scale search (:func:`~onnxcompress.quantize.int4.with_dead_floor`,
+as in the activation-weighted search), so the search does not ignore them.
 
 Statistics are streamed: onnxruntime runs the model with the layers' input tensors as extra outputs,
 batch by batch; only the running sums XᵀX [K, K] (for GPTQ) or Σx² [K] (for the search) are kept,
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.quantize.int4 import QMAX, BlockQuant, choose_block_params
+from onnxcompress.quantize.int4 import QMAX, BlockQuant, choose_block_params, with_dead_floor
 
 __all__ = ["InputStats", "collect_input_stats", "gptq_quantize", "stream_tensors"]
 
@@ -131,8 +132,7 @@ def gptq_quantize(w_rows: np.ndarray, hessian: np.ndarray, block_size: int, *, s
     except np.linalg.LinAlgError:  # not positive definite even after damping: more damping
         h[np.diag_indices(kp)] += 0.1 * float(np.mean(np.diag(h)))
         u = np.linalg.cholesky(np.linalg.inv(h)).T
-    live = diag[~dead]  # dead features: not zeroed (see the module docstring), a small weight in the search
-    imp = np.where(dead, 1e-2 * float(live.mean()) if live.size else 1.0, diag)
+    imp = with_dead_floor(np.where(dead, 0.0, diag))  # dead features: kept (module docstring), weighed a little
     q = np.zeros((n, kp), np.uint8)
     scales = np.zeros((n, nb))
     zeros = np.zeros((n, nb))

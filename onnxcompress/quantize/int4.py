@@ -219,6 +219,23 @@ def choose_block_params(wb: np.ndarray, *, symmetric: bool, grid: int, min_ratio
     return best_s, best_z
 
 
+#: the importance, relative to the mean of the others, of a feature the calibration data never activates
+DEAD_FEATURE_WEIGHT = 1e-2
+
+
+def with_dead_floor(importance: np.ndarray) -> np.ndarray:
+    """``importance`` (E[x_k²] or diag H per input feature) where the features never active in the
+    calibration data (importance 0) weigh :data:`DEAD_FEATURE_WEIGHT` of the mean live importance.
+
+    With weight 0 a block's scale search ignores their weights and may clip them arbitrarily, which
+    costs nothing on the calibration data and changes the answer for every input that does use them
+    (a digit image's border pixels under noise). A small weight keeps them within the block's grid
+    while the live features still decide the scale."""
+    imp = np.asarray(importance, np.float64)
+    live = imp[imp > 0]
+    return np.where(imp > 0, imp, DEAD_FEATURE_WEIGHT * float(live.mean()) if live.size else 1.0)
+
+
 def quantize_blocks(w_rows: np.ndarray, block_size: int, *, symmetric: bool = False, grid: int = 1,
                     min_ratio: float = 0.5, importance: np.ndarray | None = None, bits: int = 4) -> BlockQuant:
     """Quantize ``w_rows`` [R, C] to ``bits`` (4 or 8) in blocks of ``block_size`` columns.
@@ -576,7 +593,7 @@ class QuantizeInt4Pass(Pass):
                                  min_ratio=cfg.search_min_ratio, damp=cfg.gptq_damp), "gptq"
         if method == "rtn" or (method == "gptq" and st is None):  # no statistics (a subgraph): data-free default
             return quantize_blocks(wt, cfg.block_size, symmetric=cfg.symmetric), "rtn"
-        imp = st.mean_square if st is not None else None
+        imp = with_dead_floor(st.mean_square) if st is not None else None
         used = "search+act" if imp is not None else "search"
         return quantize_blocks(wt, cfg.block_size, symmetric=cfg.symmetric, grid=cfg.search_grid,
                                min_ratio=cfg.search_min_ratio, importance=imp), used
