@@ -203,6 +203,11 @@ def measure(out: Path, models: list[str], providers: list[str], rounds: int, rep
     ``results_path``) and return them."""
     import onnxruntime as ort
 
+    if "cuda" in providers and hasattr(ort, "preload_dlls"):
+        try:  # onnxruntime-gpu finds CUDA/cuDNN from the nvidia-* wheels (PyTorch's) only when preloaded
+            ort.preload_dlls()
+        except Exception as exc:  # noqa: BLE001  (recorded: the sessions below then show what happened)
+            print(f"preload_dlls: {type(exc).__name__}: {exc}", flush=True)
     available = set(ort.get_available_providers())
     results: dict = {"onnxruntime": ort.__version__, "machine": _machine(), "date": _now(), "providers": {},
                      "rows": []}
@@ -225,6 +230,10 @@ def measure(out: Path, models: list[str], providers: list[str], rounds: int, rep
                     sess = _session(path, p)
                 except Exception as exc:  # a form this provider cannot load: a finding, not a crash
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    results["rows"].append(row)
+                    continue
+                if sess.get_providers()[0] != PROVIDERS[p]:  # the provider failed to start: onnxruntime fell back
+                    row["error"] = f"{PROVIDERS[p]} not active in the session (it runs on {sess.get_providers()})"
                     results["rows"].append(row)
                     continue
                 logits = cpu_logits[form] if p == "cpu" else _logits(sess, x)
