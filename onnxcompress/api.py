@@ -88,7 +88,7 @@ def resolve_recipe(recipe: Recipe | dict | str | os.PathLike | list[str] | tuple
         return recipe
     if isinstance(recipe, dict):
         return Recipe.from_dict(recipe)
-    if isinstance(recipe, str) and not Path(recipe).exists() and not recipe.lower().endswith(
+    if isinstance(recipe, str) and not Path(recipe).is_file() and not recipe.lower().endswith(
             (".json", ".yaml", ".yml", ".toml")):
         return _preset_names([recipe])
     if isinstance(recipe, (str, os.PathLike)):
@@ -103,7 +103,7 @@ def _preset_names(names: list[str]) -> Recipe:
     from onnxcompress.recipes import PRESETS, preset_recipe
 
     known = [p.name for p in PRESETS]
-    keys = [n.replace("-", "_") for n in names]
+    keys = [n.replace("-", "_").lower() for n in names]
     for given, key in zip(names, keys):
         if key not in known:
             raise RecipeError(f"{given!r} is neither a recipe file nor a preset{did_you_mean(key, known)}",
@@ -241,7 +241,11 @@ def _verify(src: ModelSource, out: onnx.ModelProto, recipe: Recipe, ctx: Context
                      "read a second time (pass an .npz, a folder or a list to verify on real data)")
     if feeds is None and not explicit and not lossless:
         tol = LOSSY_RANDOM
-        ctx.note("verification ran on seeded random inputs, so top-1 agreement was reported, not enforced (random "
-                 "inputs sit near class boundaries); give --calib-data to check it on real data")
+        if ctx.data is None:
+            ctx.note("verification ran on seeded random inputs, so top-1 agreement was reported, not enforced "
+                     "(random inputs sit near class boundaries); give --calib-data to check it on real data")
+        else:
+            ctx.note("on those random inputs top-1 agreement was reported, not enforced; a model calibrated on "
+                     "your data may also miss the cosine budget there, outside the ranges it was calibrated for")
     return compare_models(src.model, out, feeds=feeds, providers=v.providers, tolerance=tol, seed=recipe.seed,
                           batch=v.batch, ref_base_dir=src.base_dir, cand_base_dir=src.base_dir)

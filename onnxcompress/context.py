@@ -47,6 +47,9 @@ class Context:
     spill_dir: Path | None = None
     spill_bytes: int = 1 << 20
     _scratch: Path | None = field(default=None, repr=False)
+    #: the feed sources made from ``data`` (see :meth:`feeds`), so a reader is rewound and a one-shot
+    #: iterator says it is used up, instead of each pass wrapping it anew
+    _sources: dict = field(default_factory=dict, repr=False)
 
     # -- models ---------------------------------------------------------------------------------
 
@@ -61,13 +64,20 @@ class Context:
     # -- data -----------------------------------------------------------------------------------
 
     def feeds(self, model: onnx.ModelProto | None = None, *, batch_size: int | None = None):
-        """The calibration data as a re-iterable feed source, or None when no data was given; with
-        ``model``, each feed is checked against its inputs as it is read."""
+        """The calibration data as a feed source, or None when no data was given; with ``model``, each
+        feed is checked against its inputs as it is read.
+
+        Every call for the same batching returns the same underlying source: a reader with
+        ``rewind()`` is rewound for each pass that reads it, and a one-shot iterator raises
+        :class:`~onnxcompress.data.FeedsUsedUp` when read again (not an empty source)."""
         if self.data is None:
             return None
-        from onnxcompress.data import as_feed_source, checked_source
+        from onnxcompress.data import as_feed_source, checked_source, source_key
 
-        source = as_feed_source(self.data, model=model, batch_size=batch_size)
+        key = source_key(self.data, model, batch_size)
+        source = self._sources.get(key)
+        if source is None:
+            source = self._sources[key] = as_feed_source(self.data, model=model, batch_size=batch_size)
         return checked_source(source, model) if model is not None else source
 
     def rng(self, salt: str = "") -> np.random.Generator:

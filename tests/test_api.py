@@ -161,7 +161,7 @@ def test_random_verification_feeds_judge_a_lossy_result_by_cosine_and_report_top
     assert not any("not enforced" in n for n in real.report.notes)
 
 
-def test_recipe_by_preset_name(tmp_path):
+def test_recipe_by_preset_name(tmp_path, monkeypatch):
     """compress(path, "int8") is compress(path, preset_recipe(["int8"])): the CLI switches by name (a hyphen
     as in the flag is fine), a list of them in order; an unknown name says what it might have meant; a
     string that names a file is still read as a recipe file."""
@@ -176,6 +176,38 @@ def test_recipe_by_preset_name(tmp_path):
         oc.compress(m, "int9")
     with pytest.raises(oc.RecipeError, match="cannot use a list"):
         oc.compress(m, ["int8", 3])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fp16").mkdir()  # a folder of that name does not hide the preset; case does not matter
+    for name in ("fp16", "FP16"):
+        assert oc.compress(m, name).report.steps[-2].name == "convert_fp16"
     r = tmp_path / "int8"  # a file of that name wins over the preset
     r.write_text(json.dumps(preset_recipe(["fp16"]).to_dict()))
     assert "convert_fp16" in [s.name for s in oc.compress(m, str(r)).report.steps]
+
+
+def test_a_reader_is_rewound_for_each_pass_and_a_generator_says_it_is_used_up():
+    """Calibration and verification both read the data: a CalibrationDataReader with rewind() is rewound
+    (verification then runs on its feeds); a generator can be read once, so verification says it used
+    random inputs and asks for data that can be read twice, not for --calib-data."""
+    from onnxcompress.datasets import bundled_model_path, digits_feeds
+
+    path = str(bundled_model_path("mlp"))
+    x = digits_feeds(path, "calib")["x"]
+
+    class Reader:
+        def __init__(self):
+            self.i, self.rewinds = 0, 0
+
+        def get_next(self):
+            self.i += 1
+            return {"x": x[(self.i - 1) * 32:self.i * 32]} if self.i <= 3 else None
+
+        def rewind(self):
+            self.i, self.rewinds = 0, self.rewinds + 1
+
+    reader = Reader()
+    res = oc.compress(path, "int8", data=reader)
+    assert reader.rewinds == 1 and res.parity.feeds == 2 and res.passed
+    res = oc.compress(path, "int8", data=({"x": x[i:i + 32]} for i in range(0, 96, 32)))
+    notes = " | ".join(res.report.notes)
+    assert "could not be read a second time" in notes and "--calib-data" not in notes
