@@ -251,7 +251,8 @@ def _repair_hint(recipe, calib_data) -> str:
     if not lossy:
         return ""
     if "distill" in names:
-        return f"try a milder {lossy[0]} setting; "
+        return (f"try a milder {lossy[0]} setting; " if calib_data else
+                "give --calib-data DATA: the repair (distill) needs it and was skipped; ")
     return (f"repair {', '.join(lossy)} from the original with --distill"
             + ("" if calib_data else " --calib-data DATA") + " or try a milder setting; ")
 

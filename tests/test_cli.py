@@ -115,3 +115,13 @@ def test_failed_check_hints_at_the_repair_that_fits_the_recipe(tmp_path, capsys)
     out.unlink()
     assert main([src, str(out), "--prune", "0.9", "--distill", "--calib-data", calib, "-q"]) == 1
     assert "try a milder sparsify setting;" in capsys.readouterr().err and not out.exists()
+
+
+def test_repair_hint_asks_for_data_when_the_repair_was_skipped_for_lack_of_it():
+    from onnxcompress.cli import _repair_hint
+    from onnxcompress.recipes import preset_recipe
+
+    recipe = preset_recipe(["deep_compression"])
+    assert _repair_hint(recipe, None).startswith("give --calib-data DATA: the repair (distill) needs it")
+    assert _repair_hint(recipe, "calib.npz") == "try a milder sparsify setting; "
+    assert _repair_hint(preset_recipe(["int8"]), None) == ""

@@ -90,7 +90,7 @@ class MetricAccumulator:
         self._sum_abs = 0.0
         self._ref_max_abs = 0.0
         self._rc = self._rr = self._cc = self._dd = 0.0  # dot products of the values divided by _scale
-        self._scale = 0.0  # the largest |value| seen: keeps r·r finite for float64 values near 1e300
+        self._scale = 0.0  # a power of two >= the largest |value| seen: keeps r·r finite near 1e300
         self._rows = self._agree = 0
         self._seen = False
 
@@ -131,14 +131,15 @@ class MetricAccumulator:
             self._sum_abs += float(abs_diff.sum())
             self._ref_max_abs = max(self._ref_max_abs, float(np.abs(rf).max()))
             self._finite += rf.size
-            scale = max(self._ref_max_abs, float(np.abs(cf).max()))
-            if scale > self._scale:  # cosine and SNR are ratios: rescaling every sum leaves them exact
+            top = max(self._ref_max_abs, float(np.abs(cf).max()))
+            if top > self._scale:  # cosine and SNR are ratios: rescaling every sum leaves them exact
+                scale = math.ldexp(1.0, math.frexp(top)[1])  # a power of two >= top: divisions are exact
                 shrink = (self._scale / scale) ** 2
                 self._rc, self._rr, self._cc, self._dd = (v * shrink for v in (self._rc, self._rr, self._cc, self._dd))
                 self._scale = scale
             if self._scale > 0.0:
                 rs, cs = rf / self._scale, cf / self._scale
-                ds = rs - cs
+                ds = rs - cs  # exactly diff / scale (power-of-two scaling), and finite where diff overflows
                 self._rc += float(rs @ cs)
                 self._rr += float(rs @ rs)
                 self._cc += float(cs @ cs)
