@@ -372,7 +372,8 @@ def random_feeds(
             raise ModelError(
                 f"input {spec.name!r} declares shape {tuple(shape)} ({elements:.3g} elements); a random feed that "
                 "large cannot be built", where="random feeds",
-                hint=f"give a realistic shape with --shape {spec.name}:1x..., or verification data with --inputs/--calib-data")
+                hint=f"give real data (--calib-data for onnxcompress, --inputs for tools/compare.py), or a realistic "
+                     f"shape with tools/compare.py --shape {spec.name}:1x...")
         if "mask" in spec.name.lower():
             value = np.ones(shape, dtype=spec.dtype)
         elif spec.is_float:
@@ -386,7 +387,7 @@ def random_feeds(
             raise CalibrationError(
                 f"cannot make random values for input {spec.name!r} of dtype {spec.dtype}",
                 where="random feeds",
-                hint="pass real feeds (--inputs data.npz)",
+                hint="pass real feeds: --calib-data data.npz (onnxcompress), --inputs data.npz (tools/compare.py)",
             )
         feed[spec.name] = value
     log.debug("random feeds (seed %d): %s", seed, {k: (v.shape, str(v.dtype)) for k, v in feed.items()})
