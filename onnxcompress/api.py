@@ -44,6 +44,8 @@ class CompressResult:
     source_path: Path | None = None
     external_data: bool | None = None
     _spill: Any = field(default=None, repr=False)
+    #: the input model's external data files: never written to, whatever the output is called
+    source_files: tuple = ()
 
     @property
     def passed(self) -> bool:
@@ -55,9 +57,9 @@ class CompressResult:
             raise ParityError("the compressed model failed verification; not saved", parity=self.parity,
                               where=f"save {str(path)!r}",
                               hint="inspect the parity report, relax the recipe, or save with force=True")
-        protected: tuple = ()
+        protected: tuple = tuple(self.source_files)
         if self.source_path is not None:
-            protected = (self.source_path,)
+            protected += (self.source_path,)
             if self.base_dir is not None:
                 from onnxcompress.graph.io import _external_info, _is_external, iter_tensor_protos
 
@@ -70,10 +72,22 @@ class CompressResult:
         return Path(path)
 
 
+def _external_files(model: onnx.ModelProto, base_dir: Path | str | None) -> tuple:
+    """The files ``model``'s external tensors live in (none without a base folder)."""
+    if base_dir is None:
+        return ()
+    from onnxcompress.graph.io import _external_info, _is_external, iter_tensor_protos
+
+    return tuple({Path(base_dir) / _external_info(t)["location"]
+                  for t, _ in iter_tensor_protos(model.graph) if _is_external(t)})
+
+
 def _file_size(path: Path) -> int:
+    """Bytes of the saved model and of the data files it references (a stale ``<out>.data`` left by an
+    earlier run with external data is not part of an inline output)."""
     size = path.stat().st_size
-    data = path.with_name(path.name + ".data")
-    return size + (data.stat().st_size if data.exists() else 0)
+    files = _external_files(onnx.load(str(path), load_external_data=False), path.parent)
+    return size + sum(f.stat().st_size for f in files if f.is_file())
 
 
 def resolve_recipe(recipe: Recipe | dict | str | os.PathLike | list[str] | tuple[str, ...] | None) -> Recipe:
@@ -164,7 +178,8 @@ def compress(
         if context is None:
             ctx.close()
     report.seconds = time.perf_counter() - t0
-    result = CompressResult(out, report, parity, src.base_dir, src.path, recipe.output.external_data)
+    result = CompressResult(out, report, parity, src.base_dir, src.path, recipe.output.external_data,
+                            source_files=_external_files(src.model, src.base_dir))
     result._spill = spill_dir  # spilled weights live as long as the result
     return result
 

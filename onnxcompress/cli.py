@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 #: steps that change weights by approximation and that the teacher-guided repair (distill) can correct
-_REPAIRABLE = ("sparsify", "prune_channels", "share_weights", "low_rank", "merge_neurons")
+_REPAIRABLE = ("sparsify", "prune_channels", "width", "share_weights", "low_rank", "merge_neurons")
 
 
 def _repair_hint(recipe, calib_data) -> str:
@@ -276,6 +276,9 @@ def _run(args, parser, targets, owners) -> int:
     if not out.parent.is_dir():
         raise RecipeError(f"output folder {str(out.parent)!r} does not exist", where="command line",
                           hint="create it first")
+    if args.report and (Path(args.report).is_dir() or not Path(args.report).parent.is_dir()):
+        raise RecipeError(f"--report {args.report!r} is a folder or its folder does not exist", where="command line",
+                          hint="give a file path in an existing folder, e.g. --report report.json")
     result = compress(inp, recipe, data=args.calib_data, progress=not args.quiet)
     if result.passed or args.keep_failed:
         result.save(out, force=args.keep_failed)
@@ -285,8 +288,9 @@ def _run(args, parser, targets, owners) -> int:
         print(f"{inp} -> {out if (result.passed or args.keep_failed) else '(not written)'}")
         print(result.report.summary())
     if not result.passed:
-        print("onnxcompress: error: verification failed; output not written"
-              + (" (kept because of --keep-failed)" if args.keep_failed else
+        print("onnxcompress: error: verification failed; "
+              + ("output written anyway because of --keep-failed" if args.keep_failed else "output not written")
+              + ("" if args.keep_failed else
                  f" (hint: see the parity table; {_repair_hint(recipe, args.calib_data)}--keep-failed writes it "
                  "anyway)"), file=sys.stderr)
         return 1

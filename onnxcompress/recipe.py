@@ -20,6 +20,7 @@ Recipe files are JSON, YAML or TOML::
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import typing
 from dataclasses import dataclass, field, fields
@@ -129,6 +130,9 @@ def _validate_fields(obj) -> None:
                 raise RecipeError(f"{f.name}={x!r} is not one of {list(m['choices'])}{did_you_mean(str(x), map(str, m['choices']))}",
                                   where=f"recipe, {where}", hint=m.get("help"))
             if isinstance(x, (int, float)) and not isinstance(x, bool):
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise RecipeError(f"{f.name}={x!r} is not a finite number", where=f"recipe, {where}",
+                                      hint=m.get("help"))
                 if m.get("minimum") is not None and x < m["minimum"]:
                     raise RecipeError(f"{f.name}={x!r} is below the minimum {m['minimum']}", where=f"recipe, {where}",
                                       hint=m.get("help"))

@@ -403,3 +403,28 @@ def test_if_and_loop_models_compress(capsys, tmp_path):
     assert rc == 0, err
     onnx.checker.check_model(str(tmp_path / "o.onnx"))
     assert [n.op_type for n in onnx.load(str(tmp_path / "o.onnx")).graph.node] == ["If"]
+
+
+def test_an_output_named_after_the_inputs_data_file_is_refused(capsys, tmp_path):
+    """a.onnx keeps its weights in b.onnx.data: writing b.onnx with external data would overwrite them
+    (the input then no longer loads). Refused, exit 3, nothing touched. Found by a black-box run."""
+    from onnxcompress.datasets import bundled_model_path
+
+    onnx.save(onnx.load(str(bundled_model_path("mlp"))), str(tmp_path / "a.onnx"), save_as_external_data=True,
+              location="b.onnx.data", size_threshold=0)
+    before = _digest(tmp_path)
+    rc, _, err = _cli(capsys, [tmp_path / "a.onnx", tmp_path / "b.onnx", "-q", "--external-data", "--fp16"])
+    assert rc == 3 and "refusing to write over the input" in err and "b.onnx.data'" in err and "(hint: " in err
+    assert _digest(tmp_path) == before and not (tmp_path / "b.onnx").exists()
+    onnx.checker.check_model(str(tmp_path / "a.onnx"))
+
+
+@pytest.mark.parametrize("flags", [["--prune", "nan"], ["--prune-channels", "inf"]], ids=["nan", "inf"])
+def test_non_finite_option_values_are_usage_errors(capsys, tmp_path, flags):
+    inp = _write(tmp_path, "in.onnx", builders.mlp())
+    _refused(capsys, tmp_path, inp, 2, "is not a finite number", extra=flags)
+
+
+def test_a_bad_report_path_is_refused_before_anything_is_written(capsys, tmp_path):
+    inp = _write(tmp_path, "in.onnx", builders.mlp())
+    _refused(capsys, tmp_path, inp, 2, "--report", extra=["--report", tmp_path / "nodir" / "r.json"])

@@ -157,8 +157,12 @@ class QuantizeInt8Pass(Pass):
         else:
             self._dynamic(graph, graph_list=list(iter_graphs(graph)), res=res, plan=plan, namer=namer)
             if ctx is not None:
-                ctx.note("int8: no calibration data, so dynamic int8 for MatMul/Gemm and int8 storage (size only) "
-                         f"for Conv; {STATIC_HINT}")
+                if ctx.data is None:
+                    ctx.note("int8: no calibration data, so dynamic int8 for MatMul/Gemm and int8 storage (size "
+                             f"only) for Conv; {STATIC_HINT}")
+                else:
+                    ctx.note("int8: dynamic int8 for MatMul/Gemm and int8 storage (size only) for Conv, as asked "
+                             "(--int8-mode dynamic); the calibration data served verification only")
         res.details = {"plan": plan.to_dict()}
         return res
 
