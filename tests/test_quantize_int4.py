@@ -495,3 +495,27 @@ def test_a_conv_model_gets_a_note_instead_of_a_silent_no_op():
     res = oc.compress(str(bundled_model_path("mlp")), preset_recipe(["int4"]))
     assert "MatMulNBits" in {n.op_type for n in res.model.graph.node}
     assert not any(n.startswith("quantize_int4: no layer") for n in res.report.notes)
+
+
+def test_qdq_form_through_the_whole_preset_and_its_opset_note():
+    """--int4 --int4-format qdq on the bundled MLP converted to opset 21 runs the whole preset: compact
+    storage once read the uint4 codes through graphsurgeon's caching .values, which it then could not
+    export (an internal error). On the opset-18 original, the summary says why nothing was quantized."""
+    import dataclasses
+
+    import onnx.version_converter
+
+    import onnxcompress as oc
+    from onnxcompress.datasets import bundled_model_path
+    from onnxcompress.recipes import preset_recipe
+
+    recipe = preset_recipe(["int4"])
+    recipe = recipe.replace(steps=tuple(dataclasses.replace(s, format="qdq") if s.name == "quantize_int4" else s
+                                        for s in recipe.steps))
+    m18 = onnx.load(str(bundled_model_path("mlp")))
+    res = oc.compress(onnx.version_converter.convert_version(m18, 21), recipe)
+    onnx.checker.check_model(res.model, full_check=True)
+    dq = [n for n in res.model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and res.passed
+    res = oc.compress(m18, recipe)
+    assert any("the portable qdq form needs opset >= 21 and the model has 18" in n for n in res.report.notes)

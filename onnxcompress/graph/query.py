@@ -92,14 +92,21 @@ def peek_values(t: gs.Constant) -> np.ndarray:
 
     graphsurgeon's ``Constant.values`` caches what it loads, so a pass that looks at every weight once
     would end up holding a whole external-data model (gigabytes) in memory. Here external tensors are
-    read on each call and let go, so passes stream tensor by tensor; inline tensors (already in memory
-    as part of the model) are cached as before. To change a weight, assign ``constant.values`` (or
+    read on each call and let go, so passes stream tensor by tensor; so are 4-bit tensors (which
+    graphsurgeon could not export again from the cached array); other inline tensors are cached as before. To change a weight, assign ``constant.values`` (or
     replace the tensor): an array returned for an external tensor is a fresh copy.
     """
     v = t._values
-    if isinstance(v, LazyValues) and getattr(v.tensor, "data_location", 0) == onnx.TensorProto.EXTERNAL:
+    if isinstance(v, LazyValues) and (getattr(v.tensor, "data_location", 0) == onnx.TensorProto.EXTERNAL
+                                      or v.tensor.data_type in _PACKED_TYPES):
         return v.load()
     return t.values
+
+
+#: element types stored two per byte: graphsurgeon cannot export them again from a numpy array (it
+#: writes one byte per value), so their lazy protos are read without caching the array in the graph
+_PACKED_TYPES = frozenset(getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
+                          if hasattr(onnx.TensorProto, n))
 
 
 def is_constant(t: gs.Tensor) -> bool:

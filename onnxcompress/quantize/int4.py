@@ -523,6 +523,10 @@ class QuantizeInt4Pass(Pass):
             targets.append(t)
         if not targets:
             res.details = {"layers": [], "format": cfg.format}
+            if cfg.format == "qdq" and (graph.opset or 0) < 21 and ctx is not None:
+                ctx.note(f"quantize_int4: nothing quantized: the portable qdq form needs opset >= 21 and the model "
+                         f"has {graph.opset}; use --int4-format matmulnbits, or convert the model first "
+                         "(onnx.version_converter.convert_version(model, 21))")
             conv = sum(_weight_elements(n) for n, _ in iter_nodes(graph) if n.op in ("Conv", "ConvTranspose"))
             if conv and ctx is not None:
                 total = layer_weight_elements(graph)
