@@ -147,7 +147,7 @@ def test_wrong_feed_names_raise_calibration_error():
 
 def test_cache_round_trip_and_reuse_without_data(tmp_path):
     path = tmp_path / "ranges.json"
-    save_cache(path, "minmax", {"a": (-1.0, 2.0)})
+    save_cache(path, "minmax", {"a": (-1.0, 2.0)}, Calibrator("minmax").settings())
     assert load_cache(path)["ranges"]["a"] == [-1.0, 2.0]
     cal = Calibrator("minmax", cache=str(path))
     assert cal.cached(["a"]) == {"a": (-1.0, 2.0)}
@@ -198,3 +198,16 @@ def test_mse_aligns_a_value_grid_with_the_integer_grid():
     err_mse = np.abs(np.round(x / step) * step - x).max()
     err_minmax = np.abs(np.round(x / (1 / 255)) * (1 / 255) - x).max()
     assert err_mse < 0.5 * err_minmax
+
+
+def test_cache_is_reused_only_with_the_same_settings(tmp_path):
+    """A cache made at percentile 99.99 is not reused at percentile 50 (it once was, silently: the
+    ranges then were the 99.99 ones); the same settings reuse it."""
+    from onnxcompress.quantize.calibrate import Calibrator
+
+    path = tmp_path / "ranges.json"
+    Calibrator("percentile", percentile=99.99, cache=str(path)).store({"a": (-1.0, 2.0)})
+    assert Calibrator("percentile", percentile=50.0, cache=str(path)).cached(["a"]) is None
+    assert Calibrator("percentile", percentile=99.99, num_bins=512, cache=str(path)).cached(["a"]) is None
+    again = Calibrator("percentile", percentile=99.99, cache=str(path))
+    assert again.cached(["a"]) == {"a": (-1.0, 2.0)} and again.from_cache

@@ -305,6 +305,10 @@ class Calibrator:
         if data.get("method") != self.method:
             log.info("calibration cache %s is for method %s; recalibrating", self.cache, data.get("method"))
             return None
+        if data.get("settings") != self.settings():
+            log.info("calibration cache %s was made with other settings (%s, now %s); recalibrating", self.cache,
+                     data.get("settings"), self.settings())
+            return None
         r = data["ranges"]
         if any(n not in r for n in needed):
             log.info("calibration cache %s lacks some tensors; recalibrating", self.cache)
@@ -312,15 +316,21 @@ class Calibrator:
         self.from_cache = True
         return {n: (float(r[n][0]), float(r[n][1])) for n in needed}
 
+    def settings(self) -> dict:
+        """What besides the method decides a range: a cache made with other values is not reused."""
+        return {"percentile": float(self.percentile), "num_bins": int(self.num_bins), "levels": int(self.levels)}
+
     def store(self, ranges: dict[str, tuple[float, float]]) -> None:
         if self.cache is not None:
-            save_cache(self.cache, self.method, ranges)
+            save_cache(self.cache, self.method, ranges, self.settings())
 
 
-def save_cache(path: str | Path, method: str, ranges: dict[str, tuple[float, float]]) -> None:
+def save_cache(path: str | Path, method: str, ranges: dict[str, tuple[float, float]],
+               settings: dict | None = None) -> None:
     from onnxcompress.graph.io import write_text_atomic
 
-    body = {"version": 1, "method": method, "ranges": {k: [float(a), float(b)] for k, (a, b) in sorted(ranges.items())}}
+    body = {"version": 1, "method": method, "settings": settings or {},
+            "ranges": {k: [float(a), float(b)] for k, (a, b) in sorted(ranges.items())}}
     write_text_atomic(Path(path), json.dumps(body, indent=1))
 
 
