@@ -118,3 +118,21 @@ def test_encoded_destination_weights_are_reported_not_written(tmp_path, capsys):
     assert main(["transfer", str(tmp_path / "src.onnx"), str(tmp_path / "dst.onnx"), str(tmp_path / "out.onnx")]) == 0
     out = capsys.readouterr().out
     assert "not verified" in out and "--apply-plan" in out
+
+
+def test_cli_failed_check_still_writes_the_report_it_points_to(tmp_path, capsys):
+    """DST computes another function (Sigmoid for Relu) with the same weights: the check fails (exit 1,
+    no output) and the --report the hint names is written, with the failed parity in it."""
+    src, dst = tmp_path / "src.onnx", tmp_path / "dst.onnx"
+    onnx.save(b.mlp(seed=0), src)
+    other = b.mlp(seed=1)
+    for n in other.graph.node:
+        if n.op_type == "Relu":
+            n.op_type = "Sigmoid"
+    onnx.save(other, dst)
+    report = tmp_path / "r.json"
+    assert main(["transfer", str(src), str(dst), str(tmp_path / "o.onnx"), "--report", str(report)]) == 1
+    err = capsys.readouterr().err
+    assert "does not reproduce SRC's outputs" in err and "--no-verify" in err
+    assert not (tmp_path / "o.onnx").exists()
+    assert json.loads(report.read_text())["parity"]["passed"] is False
