@@ -44,7 +44,7 @@ class CompressResult:
     source_path: Path | None = None
     external_data: bool | None = None
     _spill: Any = field(default=None, repr=False)
-    #: the input model's external data files: never written to, whatever the output is called
+    #: the input model's external data files (ModelSource.data_files): never written to
     source_files: tuple = ()
 
     @property
@@ -57,37 +57,12 @@ class CompressResult:
             raise ParityError("the compressed model failed verification; not saved", parity=self.parity,
                               where=f"save {str(path)!r}",
                               hint="inspect the parity report, relax the recipe, or save with force=True")
-        protected: tuple = tuple(self.source_files)
-        if self.source_path is not None:
-            protected += (self.source_path,)
-            if self.base_dir is not None:
-                from onnxcompress.graph.io import _external_info, _is_external, iter_tensor_protos
-
-                protected += tuple({self.base_dir / _external_info(t)["location"]
-                                    for t, _ in iter_tensor_protos(self.model.graph) if _is_external(t)})
         ext = external_data if external_data is not None else self.external_data
-        save(self.model, path, base_dir=self.base_dir, external_data=ext, protected=protected)
-        if self.report.output is not None:
-            self.report.output.size_bytes = _file_size(Path(path))
+        data = save(self.model, path, base_dir=self.base_dir, external_data=ext,
+                    protected=(self.source_path, *self.source_files))
+        if self.report.output is not None:  # the files just written (not a stale <out>.data of an earlier run)
+            self.report.output.size_bytes = Path(path).stat().st_size + (data.stat().st_size if data else 0)
         return Path(path)
-
-
-def _external_files(model: onnx.ModelProto, base_dir: Path | str | None) -> tuple:
-    """The files ``model``'s external tensors live in (none without a base folder)."""
-    if base_dir is None:
-        return ()
-    from onnxcompress.graph.io import _external_info, _is_external, iter_tensor_protos
-
-    return tuple({Path(base_dir) / _external_info(t)["location"]
-                  for t, _ in iter_tensor_protos(model.graph) if _is_external(t)})
-
-
-def _file_size(path: Path) -> int:
-    """Bytes of the saved model and of the data files it references (a stale ``<out>.data`` left by an
-    earlier run with external data is not part of an inline output)."""
-    size = path.stat().st_size
-    files = _external_files(onnx.load(str(path), load_external_data=False), path.parent)
-    return size + sum(f.stat().st_size for f in files if f.is_file())
 
 
 def resolve_recipe(recipe: Recipe | dict | str | os.PathLike | list[str] | tuple[str, ...] | None) -> Recipe:
@@ -179,7 +154,7 @@ def compress(
             ctx.close()
     report.seconds = time.perf_counter() - t0
     result = CompressResult(out, report, parity, src.base_dir, src.path, recipe.output.external_data,
-                            source_files=_external_files(src.model, src.base_dir))
+                            source_files=src.data_files)
     result._spill = spill_dir  # spilled weights live as long as the result
     return result
 

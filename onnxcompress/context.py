@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -47,9 +48,8 @@ class Context:
     spill_dir: Path | None = None
     spill_bytes: int = 1 << 20
     _scratch: Path | None = field(default=None, repr=False)
-    #: the feed sources made from ``data`` (see :meth:`feeds`), so a reader is rewound and a one-shot
-    #: iterator says it is used up, instead of each pass wrapping it anew
-    _sources: dict = field(default_factory=dict, repr=False)
+    #: the feed source made from ``data`` when it is an object (see :meth:`feeds`)
+    _source: Any = field(default=None, repr=False)
 
     # -- models ---------------------------------------------------------------------------------
 
@@ -67,17 +67,20 @@ class Context:
         """The calibration data as a feed source, or None when no data was given; with ``model``, each
         feed is checked against its inputs as it is read.
 
-        Every call for the same batching returns the same underlying source: a reader with
+        A file or folder is read afresh, batched for ``model``; any other data (a reader, an iterator,
+        a list) is one object read by every pass, so every call wraps the same source: a reader with
         ``rewind()`` is rewound for each pass that reads it, and a one-shot iterator raises
         :class:`~onnxcompress.data.FeedsUsedUp` when read again (not an empty source)."""
         if self.data is None:
             return None
-        from onnxcompress.data import as_feed_source, checked_source, source_key
+        from onnxcompress.data import as_feed_source, checked_source
 
-        key = source_key(self.data, model, batch_size)
-        source = self._sources.get(key)
-        if source is None:
-            source = self._sources[key] = as_feed_source(self.data, model=model, batch_size=batch_size)
+        if isinstance(self.data, (str, os.PathLike)):
+            source = as_feed_source(self.data, model=model, batch_size=batch_size)
+        else:  # batch_size and model only shape how a file is cut into batches
+            if self._source is None:
+                self._source = as_feed_source(self.data)
+            source = self._source
         return checked_source(source, model) if model is not None else source
 
     def rng(self, salt: str = "") -> np.random.Generator:

@@ -54,7 +54,6 @@ __all__ = [
     "as_feed_source",
     "validate_feed",
     "checked_source",
-    "source_key",
     "load_feeds",
     "is_float_dtype",
 ]
@@ -661,14 +660,6 @@ def _stacked_source(arrays: dict[str, np.ndarray], label: str, *, model: Any, ba
             yield f"{label}[{start}:{stop}]", {key: np.asarray(a[start:stop]) for key, a in arrays.items()}
 
     return FeedSource(make, description=f"{label!r} ({total} samples)", length=count)
-
-
-def source_key(obj: Any, model: Any, batch_size: int | None) -> tuple:
-    """What :func:`as_feed_source` makes of ``obj`` depends on: the batching, for a path (``model``
-    sets the default batch); nothing else, for every other kind of data."""
-    if isinstance(obj, (str, os.PathLike)):
-        return ("path", batch_size, _fixed_batch(model) if model is not None and batch_size is None else None)
-    return ("data",)
 
 
 def _fixed_batch(model: Any) -> int | None:

@@ -20,8 +20,8 @@ Recipe files are JSON, YAML or TOML::
 from __future__ import annotations
 
 import dataclasses
-import math
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path

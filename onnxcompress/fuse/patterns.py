@@ -13,9 +13,8 @@ into the new weights and the new Gemm has ``alpha = beta = 1``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx

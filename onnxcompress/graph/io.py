@@ -82,6 +82,15 @@ class ModelSource:
     def has_external_data(self) -> bool:
         return any(_is_external(t) for t, _ in iter_tensor_protos(self.model.graph))
 
+    @property
+    def data_files(self) -> tuple[Path, ...]:
+        """The files the model's external tensors live in: with :attr:`path`, what a save must not
+        overwrite (whatever the output is called: ``a.onnx`` may keep its weights in ``b.onnx.data``)."""
+        if self.base_dir is None:
+            return ()
+        return tuple(sorted({self.base_dir / _external_info(t)["location"]
+                             for t, _ in iter_tensor_protos(self.model.graph) if _is_external(t)}))
+
 
 class ExternalValues(LazyValues):
     """LazyValues whose data sits in an external file relative to ``base_dir``.
@@ -646,7 +655,7 @@ def save(
     external_data: bool | None = None,
     size_threshold: int = 1024,
     protected: tuple[str | os.PathLike, ...] = (),
-) -> Path:
+) -> Path | None:
     """Write ``model`` to ``path`` atomically; return the path of the external data file or None.
 
     ``base_dir``: the folder that the model's current external data locations are relative to.

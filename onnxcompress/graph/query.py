@@ -92,9 +92,10 @@ def peek_values(t: gs.Constant) -> np.ndarray:
 
     graphsurgeon's ``Constant.values`` caches what it loads, so a pass that looks at every weight once
     would end up holding a whole external-data model (gigabytes) in memory. Here external tensors are
-    read on each call and let go, so passes stream tensor by tensor; so are 4-bit tensors (which
-    graphsurgeon could not export again from the cached array); other inline tensors are cached as before. To change a weight, assign ``constant.values`` (or
-    replace the tensor): an array returned for an external tensor is a fresh copy.
+    read on each call and let go, so passes stream tensor by tensor; so are 4-bit tensors (graphsurgeon
+    could not export them again from a cached array); other inline tensors are cached as before. To
+    change a weight, assign ``constant.values`` (or replace the tensor): an array returned for an
+    external tensor is a fresh copy.
     """
     v = t._values
     if isinstance(v, LazyValues) and (getattr(v.tensor, "data_location", 0) == onnx.TensorProto.EXTERNAL

@@ -325,11 +325,10 @@ class Calibrator:
             save_cache(self.cache, self.method, ranges, self.settings())
 
 
-def save_cache(path: str | Path, method: str, ranges: dict[str, tuple[float, float]],
-               settings: dict | None = None) -> None:
+def save_cache(path: str | Path, method: str, ranges: dict[str, tuple[float, float]], settings: dict) -> None:
     from onnxcompress.graph.io import write_text_atomic
 
-    body = {"version": 1, "method": method, "settings": settings or {},
+    body = {"version": 1, "method": method, "settings": settings,
             "ranges": {k: [float(a), float(b)] for k, (a, b) in sorted(ranges.items())}}
     write_text_atomic(Path(path), json.dumps(body, indent=1))
 

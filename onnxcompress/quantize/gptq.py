@@ -132,7 +132,7 @@ def gptq_quantize(w_rows: np.ndarray, hessian: np.ndarray, block_size: int, *, s
     except np.linalg.LinAlgError:  # not positive definite even after damping: more damping
         h[np.diag_indices(kp)] += 0.1 * float(np.mean(np.diag(h)))
         u = np.linalg.cholesky(np.linalg.inv(h)).T
-    imp = with_dead_floor(np.where(dead, 0.0, diag))  # dead features: kept (module docstring), weighed a little
+    imp = with_dead_floor(diag)  # dead features (diag 0): kept (module docstring), weighed a little
     q = np.zeros((n, kp), np.uint8)
     scales = np.zeros((n, nb))
     zeros = np.zeros((n, nb))

@@ -468,6 +468,19 @@ def _reads_a_layer(tensor: gs.Tensor) -> bool:
     return any(layer(p) for p in _reach([tensor], layer))
 
 
+def _nothing_quantized(graph: gs.Graph, res: PassResult) -> str:
+    """The summary line when no layer was quantized: the distinct reasons the layers were skipped for,
+    and where the weights are when they sit in Conv layers (which 4-bit blocks do not cover)."""
+    reasons = sorted({s.reason for s in res.skipped})
+    text = "quantize_int4: no layer was quantized" + (f" ({'; '.join(reasons)})" if reasons else "")
+    conv = sum(_weight_elements(n) for n, _ in iter_nodes(graph) if n.op in ("Conv", "ConvTranspose"))
+    if conv:
+        text += (f"; 4-bit blocks cover MatMul/Gemm only, and {100 * conv / max(layer_weight_elements(graph), 1):.0f}% "
+                 "of this model's layer weights are in Conv layers; --storage int4 stores those in 4 bits (size "
+                 "only, fp32 speed)")
+    return text
+
+
 def _orientation(node: gs.Node) -> str:
     return "T" if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else "N"
 
@@ -516,23 +529,16 @@ class QuantizeInt4Pass(Pass):
                 res.skip(node.name or node.op, "int4", shared)
                 continue
             if cfg.format == "qdq" and (graph.opset or 0) < 21:
-                res.skip(node.name or node.op, "int4", f"the portable qdq form needs opset >= 21, the model has "
-                         f"{graph.opset}; use format=matmulnbits")
+                res.skip(node.name or node.op, "int4", f"the portable qdq form needs opset >= 21 and the model has "
+                         f"{graph.opset}; use format=matmulnbits or convert the model "
+                         "(onnx.version_converter.convert_version(model, 21))")
                 continue
             t.bits = cfg.first_bits if id(node) in first else 4
             targets.append(t)
         if not targets:
             res.details = {"layers": [], "format": cfg.format}
-            if cfg.format == "qdq" and (graph.opset or 0) < 21 and ctx is not None:
-                ctx.note(f"quantize_int4: nothing quantized: the portable qdq form needs opset >= 21 and the model "
-                         f"has {graph.opset}; use --int4-format matmulnbits, or convert the model first "
-                         "(onnx.version_converter.convert_version(model, 21))")
-            conv = sum(_weight_elements(n) for n, _ in iter_nodes(graph) if n.op in ("Conv", "ConvTranspose"))
-            if conv and ctx is not None:
-                total = layer_weight_elements(graph)
-                ctx.note(f"quantize_int4: no layer was quantized: 4-bit blocks cover MatMul/Gemm only, and "
-                         f"{100 * conv / max(total, 1):.0f}% of this model's layer weights are in Conv layers; "
-                         f"--storage int4 stores those in 4 bits (size only, fp32 speed)")
+            if ctx is not None:
+                ctx.note(_nothing_quantized(graph, res))
             return res
 
         method = cfg.method

@@ -71,7 +71,8 @@ def _run(args) -> int:
                           hint="the two graphs compute different functions (check --report); if DST was compressed "
                                "lossily (quantized, pruned), its result cannot match SRC exactly: use --no-verify "
                                "and check it with tools/compare.py SRC OUT --min-cosine 0.98 --min-top1 0.9")
-    save(model, args.output, base_dir=dst.base_dir, protected=(args.source, args.destination))
+    save(model, args.output, base_dir=dst.base_dir,
+         protected=(args.source, args.destination, *src.data_files, *dst.data_files))
     if not args.quiet:
         print(f"{args.source} -> {args.destination} -> {args.output}")
         print(rep.summary())
