@@ -169,6 +169,7 @@ class MergeNeuronsPass(Pass):
     def run(self, graph: gs.Graph, ctx) -> PassResult:
         res = PassResult()
         cfg = self.config
+        self.note_unmatched(ctx, graph, "exclude")
         dg = build_dependency_graph(graph, ctx.model_of(graph))
         writer = ParamWriter(graph)
         plan = []

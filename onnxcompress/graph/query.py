@@ -13,8 +13,9 @@ consumers, so a technique written once compresses all three.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -34,6 +35,9 @@ __all__ = [
     "is_graph_io",
     "only_consumer",
     "weight_ref",
+    "name_matches",
+    "unmatched_patterns",
+    "unmatched_note",
     "FLOAT_DTYPES",
 ]
 
@@ -51,6 +55,59 @@ def iter_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Node, gs.Graph]]:
     for g in iter_graphs(graph):
         for node in list(g.nodes):
             yield node, g
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether ``name`` is selected by ``pattern``: equal to it, or matching it as a case-sensitive
+    fnmatch glob. Equality first, so a name with glob characters (``blocks[0]/fc``, as TensorFlow
+    and JAX exports spell them) is still selected by itself."""
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def unmatched_patterns(patterns: Iterable[str], graph: gs.Graph, *, tensors: bool = False,
+                       ops: bool = False) -> list[str]:
+    """The entries of ``patterns`` that select nothing in ``graph`` or its subgraphs.
+
+    A pattern is a case-sensitive fnmatch glob on node names (and, with ``tensors``, on tensor
+    names too); with ``ops`` the entries are op types, compared exactly. An entry that selects
+    nothing is almost always a typo or a name from another export of the model, and it would
+    otherwise change nothing without a word: the caller reports it (:func:`unmatched_note`)."""
+    patterns = list(patterns)
+    if not patterns:
+        return []
+    if ops:
+        present = {n.op for n, _ in iter_nodes(graph)}
+        return [p for p in patterns if p not in present]
+    names = {n.name for n, _ in iter_nodes(graph) if n.name}
+    if tensors:
+        names |= {name for g in iter_graphs(graph) for name in g.tensors()}
+    return [p for p in patterns if not any(name_matches(n, p) for n in names)]
+
+
+def unmatched_note(step: str, flag: str, patterns: Iterable[str], graph: gs.Graph, *, tensors: bool = False,
+                   ops: bool = False) -> str | None:
+    """The summary note for the entries of ``patterns`` (given as ``flag``) that select nothing, with
+    the model's closest names as suggestions; None when every entry selects something."""
+    import difflib
+
+    missing = unmatched_patterns(patterns, graph, tensors=tensors, ops=ops)
+    if not missing:
+        return None
+    listed = ", ".join(repr(p) for p in missing)
+    if ops:
+        known = {n.op for n, _ in iter_nodes(graph)}
+        one = len(missing) == 1
+        text = (f"{step}: {flag} {listed}: no node of this model has {'that op type' if one else 'those op types'}, "
+                f"so {'it changes' if one else 'they change'} nothing")
+    else:
+        known = {n.name for n, _ in iter_nodes(graph) if n.name}
+        if tensors:
+            known |= {name for g in iter_graphs(graph) for name in g.tensors()}
+        what = "node or tensor name" if tensors else "node name"
+        text = (f"{step}: {flag} {listed} {'matches' if len(missing) == 1 else 'match'} no {what} of this model, so "
+                f"{'it selects' if len(missing) == 1 else 'they select'} nothing (case-sensitive fnmatch globs)")
+    close = sorted({c for p in missing for c in difflib.get_close_matches(p, sorted(known), n=3)})
+    return text + (f"; close names: {', '.join(close[:5])}" if close else "")
 
 
 def producer(t: gs.Tensor) -> gs.Node | None:

@@ -84,6 +84,21 @@ class Pass(ABC):
     def run(self, graph: gs.Graph, ctx: "Context") -> PassResult:
         """Rewrite ``graph`` in place and say what changed."""
 
+    def note_unmatched(self, ctx: "Context | None", graph: gs.Graph, option: str, patterns=None, *,
+                       tensors: bool = False, ops: bool = False) -> None:
+        """Tell the user, in a summary note, which entries of the config field ``option`` (node-name
+        patterns, or op types with ``ops``) select nothing in ``graph``; call it before the pass renames
+        anything. ``patterns`` defaults to the field's value; the note names the field's CLI flag."""
+        from dataclasses import fields
+
+        from onnxcompress.graph.query import unmatched_note
+
+        meta = next(f.metadata for f in fields(self.config) if f.name == option)
+        values = getattr(self.config, option) if patterns is None else patterns
+        text = unmatched_note(self.name, meta.get("flag") or option, values, graph, tensors=tensors, ops=ops)
+        if text and ctx is not None:
+            ctx.note(text)
+
 
 def cleanup_graph(graph: gs.Graph) -> gs.Graph:
     """Drop dead nodes and unused tensors (subgraphs too) and sort topologically.

@@ -224,6 +224,7 @@ class PruneChannelsPass(Pass):
     def run(self, graph: gs.Graph, ctx) -> PassResult:
         res = PassResult()
         cfg = self.config
+        self.note_unmatched(ctx, graph, "exclude")
         model = ctx.model_of(graph)
         dg = build_dependency_graph(graph, model)
         before = model_cost(model, dg.dims)

@@ -32,14 +32,13 @@ rule, parameter and resulting sparsity, so the plan can be replayed.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.errors import RecipeError
-from onnxcompress.graph.query import WeightRef, is_graph_io, iter_weights, producer
+from onnxcompress.graph.query import WeightRef, is_graph_io, iter_weights, name_matches, producer
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.recipe import StepConfig, option
 
@@ -75,7 +74,7 @@ class Override:
     nm: tuple[int, int] | None = None
 
     def matches(self, names: list[str]) -> bool:
-        return any(fnmatch.fnmatchcase(n, self.pattern) for n in names)
+        return any(name_matches(n, self.pattern) for n in names)
 
 
 def parse_override(text: str, where: str = "recipe, sparsify, overrides") -> Override:
@@ -243,6 +242,7 @@ class SparsifyPass(Pass):
         res = PassResult()
         cfg: SparsifyConfig = self.config
         overrides = cfg.parsed_overrides()
+        self.note_unmatched(ctx, graph, "overrides", [o.pattern for o in overrides], tensors=True)
         if cfg.rule is None and cfg.nm is None:
             res.skip("*", "sparsify", "no rule given (ratio, keep_top, threshold or nm): nothing to prune")
             return res

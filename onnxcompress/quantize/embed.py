@@ -155,6 +155,7 @@ class QuantizeEmbeddingPass(Pass):
     def run(self, graph: gs.Graph, ctx) -> PassResult:
         cfg: QuantizeEmbeddingConfig = self.config
         res = PassResult()
+        self.note_unmatched(ctx, graph, "exclude")
         namer = Namer.for_graph(graph)
         tables: dict[int, tuple[gs.Tensor, gs.Graph, list[gs.Node]]] = {}
         for node, g in iter_nodes(graph):

@@ -164,6 +164,8 @@ class ConvertFp16Pass(Pass):
     def run(self, graph: gs.Graph, ctx) -> PassResult:
         cfg: ConvertFp16Config = self.config
         res = PassResult()
+        self.note_unmatched(ctx, graph, "keep_nodes")
+        self.note_unmatched(ctx, graph, "keep_ops", [op for op in cfg.keep_ops if op not in _DEFAULT_KEEP], ops=True)
         np_half, onnx_half, max_half = _HALF[cfg.dtype]
         if cfg.dtype == "bfloat16" and (graph.opset or 0) < 13:
             res.skip(graph.name or "graph", "fp16", f"bfloat16 needs opset >= 13 (Cast to and from bfloat16); the "

@@ -72,7 +72,6 @@ output, too small (``min_elements``) or excluded by name stays float (a Skip wit
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Callable
 from dataclasses import dataclass
 
@@ -83,7 +82,8 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxcompress.graph.naming import Namer
-from onnxcompress.graph.query import const_value, is_constant, is_graph_io, iter_graphs, iter_nodes, weight_ref
+from onnxcompress.graph.query import (const_value, is_constant, is_graph_io, iter_graphs, iter_nodes, name_matches,
+                                      weight_ref)
 from onnxcompress.graph.rewrite import disconnect
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.recipe import StepConfig, option
@@ -266,7 +266,7 @@ def proto_constant(name: str, array: np.ndarray) -> gs.Constant:
 
 
 def matches_any(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return any(name_matches(name, p) for p in patterns)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,6 +510,7 @@ class QuantizeInt4Pass(Pass):
     def run(self, graph: gs.Graph, ctx) -> PassResult:
         cfg: QuantizeInt4Config = self.config
         res = PassResult()
+        self.note_unmatched(ctx, graph, "exclude")
         namer = Namer.for_graph(graph)
         targets: list[_Target] = []
         last = output_layers(graph, cfg.keep_last_max_share) if cfg.keep_last else set()

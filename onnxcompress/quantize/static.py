@@ -31,7 +31,6 @@ The plan (:mod:`onnxcompress.quantize.plan`) is written into ``PassResult.detail
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.errors import CalibrationError
 from onnxcompress.graph.naming import Namer
-from onnxcompress.graph.query import const_value, consumers, is_constant, is_graph_io, iter_graphs
+from onnxcompress.graph.query import const_value, consumers, is_constant, is_graph_io, iter_graphs, name_matches
 from onnxcompress.graph.rewrite import disconnect, replace_all_uses, replace_output
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.quantize import policy
@@ -79,7 +78,7 @@ class QuantizeInt8Pass(Pass):
         if node.op in cfg.exclude_ops:
             return f"op type {node.op} is excluded (--exclude-ops)"
         for pat in cfg.exclude_nodes:
-            if fnmatch.fnmatchcase(node.name or "", pat):
+            if name_matches(node.name or "", pat):
                 return f"node name matches the excluded pattern {pat!r} (--exclude-nodes)"
         return None
 
@@ -129,6 +128,8 @@ class QuantizeInt8Pass(Pass):
     def run(self, graph: gs.Graph, ctx) -> PassResult:
         cfg: QuantizeInt8Config = self.config
         res = PassResult()
+        self.note_unmatched(ctx, graph, "exclude_nodes")
+        self.note_unmatched(ctx, graph, "exclude_ops", ops=True)
         has_data = ctx is not None and getattr(ctx, "data", None) is not None
         mode = cfg.mode if cfg.mode != "auto" else ("static" if has_data else "dynamic")
         cached = bool(cfg.calib_cache) and Path(cfg.calib_cache).is_file()
