@@ -23,12 +23,22 @@ from typing import Any, Callable
 
 from onnxcompress.errors import OnnxCompressError, RecipeError
 
-__all__ = ["main", "build_parser", "recipe_from_args", "SUBCOMMANDS"]
+__all__ = ["main", "build_parser", "recipe_from_args", "SUBCOMMANDS", "Parser"]
 
 log = logging.getLogger("onnxcompress")
 
 #: ``onnxcompress NAME ...`` runs ``SUBCOMMANDS[NAME](argv)`` (lazy imports: name -> "module:function").
 SUBCOMMANDS: dict[str, str] = {"transfer": "onnxcompress.transfer.cli:main"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: ``prog: error: what (see prog --help)``, exit 2.
+
+    argparse prints the whole usage block (some sixty lines for this command) above the error,
+    which buries the one line that says what went wrong."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 @dataclasses.dataclass
@@ -87,7 +97,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[_Target]], d
     from onnxcompress.recipe import OutputConfig, VerifyConfig
     from onnxcompress.recipes import PRESETS
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="onnxcompress",
         description="Compress an ONNX model (quantize, prune, share, merge) and prove the result with onnxruntime. "
                     "With no technique flag only the lossless passes run.",

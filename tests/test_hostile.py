@@ -428,3 +428,43 @@ def test_non_finite_option_values_are_usage_errors(capsys, tmp_path, flags):
 def test_a_bad_report_path_is_refused_before_anything_is_written(capsys, tmp_path):
     inp = _write(tmp_path, "in.onnx", builders.mlp())
     _refused(capsys, tmp_path, inp, 2, "--report", extra=["--report", tmp_path / "nodir" / "r.json"])
+
+
+def _reshape_model() -> onnx.ModelProto:
+    """x[N, K] -> Reshape(-1, 8) -> MatMul: K is free in the signature, but only multiples of 8 run."""
+    from onnx import TensorProto, helper
+
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "W")
+    shape = onnx.numpy_helper.from_array(np.array([-1, 8], np.int64), "shape")
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["r"], name="rs"),
+                           helper.make_node("MatMul", ["r", "W"], ["z"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "K"])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["M", 8])], [w, shape])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("flags", [["--int8"], ["--prune-channels", "0.5", "--prune-importance", "activation"]],
+                         ids=["int8-static", "prune-activation"])
+def test_calibration_data_the_model_cannot_run_is_a_data_error_in_one_line(capfd, tmp_path, flags):
+    """onnxruntime failing on a calibration batch is the data's fault (exit 2, naming the batch and
+    its shapes), not 'a bug in onnxcompress' (exit 4); and onnxruntime's own coloured log line for
+    the failure does not reach stderr beside ours."""
+    inp = _write(tmp_path, "in.onnx", _reshape_model())
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 7), np.float32))
+    before = _digest(tmp_path)
+    rc = cli.main([str(inp), str(tmp_path / "o.onnx"), "-q", "--calib-data", str(tmp_path / "bad.npz"), *flags])
+    err = capfd.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "[E:onnxruntime" not in err, err
+    assert "(x: float32[4, 7])" in lines[0] and "(hint: the data must fit the model" in lines[0]
+    assert _digest(tmp_path) == before
+
+
+def test_a_usage_error_is_one_line_not_the_usage_block(capfd):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["in.onnx", "out.onnx", "--int4-block-size", "7"])
+    err = capfd.readouterr().err
+    assert exc.value.code == 2
+    assert err.splitlines() == ["onnxcompress: error: argument --int4-block-size: invalid choice: 7 (choose from "
+                                "16, 32, 64, 128, 256) (see onnxcompress --help)"]

@@ -322,7 +322,8 @@ class PruneChannelsPass(Pass):
                 targets.update({s.name: s.axis for s in activation_inputs(g)})
         if not targets:
             return cfg.importance, {}
-        return cfg.importance, activation_means(model, targets, feeds, max_batches=cfg.calib_batches)
+        return cfg.importance, activation_means(model, targets, feeds, max_batches=cfg.calib_batches,
+                                                    base_dir=ctx.base_dir)
 
 
 def writer_names(group: Group) -> list[str]:

@@ -100,26 +100,22 @@ def activation_inputs(group: Group) -> list:
 
 
 def activation_means(model: onnx.ModelProto, targets: dict[str, int], feeds: Iterable[dict],
-                     *, max_batches: int) -> dict[str, ChannelStats]:
+                     *, max_batches: int, base_dir=None) -> dict[str, ChannelStats]:
     """``name -> ChannelStats`` per element of ``axis`` for each target tensor, over at most
     ``max_batches`` feeds, read in one onnxruntime session (graph optimizations off)."""
-    import onnxruntime as ort
-
     from onnxcompress.verify.layers import expose_tensors
+    from onnxcompress.verify.session import make_session, run_on_data
 
     exposed_model, names = expose_tensors(model, list(targets))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(exposed_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = make_session(exposed_model, "cpu", optimize=False, base_dir=base_dir)
     sums: dict[str, np.ndarray] = {}
     signed: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for i, feed in enumerate(feeds):
         if i >= max_batches:
             break
-        outs = sess.run(names, feed)
-        for name, x in zip(names, outs):
+        outs = run_on_data(sess, feed, names, where="channel importance (activations)", batch=i + 1)
+        for name, x in ((n, outs[n]) for n in names):
             axis = targets[name] % x.ndim
             m = np.moveaxis(np.asarray(x, dtype=np.float64), axis, 0).reshape(x.shape[axis], -1)
             sums[name] = sums.get(name, 0) + np.abs(m).sum(axis=1)

@@ -249,7 +249,7 @@ def collect_stats(model: onnx.ModelProto, names: Iterable[str], feeds: Iterable[
 
     ``channels``: tensors that also get per-last-axis ``|x|`` maxima. Batches are run one at a time.
     """
-    from onnxcompress.verify.session import make_session
+    from onnxcompress.verify.session import make_session, run_on_data
 
     names = list(dict.fromkeys(names))
     chan = set(channels)
@@ -265,9 +265,9 @@ def collect_stats(model: onnx.ModelProto, names: Iterable[str], feeds: Iterable[
         if missing:
             raise CalibrationError(f"calibration feed lacks input(s) {sorted(missing)}", where="calibration",
                                    hint=f"the model's inputs are {sorted(input_names)}")
-        outs = sess.run(names, {k: v for k, v in feed.items() if k in input_names})
-        for n, v in zip(names, outs):
-            stats[n].update(v)
+        outs = run_on_data(sess, feed, names, where="calibration", batch=batches + 1)
+        for n in names:
+            stats[n].update(outs[n])
         del outs
         batches += 1
         if max_batches and batches >= max_batches:

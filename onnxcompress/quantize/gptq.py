@@ -57,13 +57,13 @@ def stream_tensors(graph: gs.Graph, ctx, names: list[str], max_samples: int):
     """Yield ``(names, values)`` per calibration batch: the current model run with ``names`` exposed
     as outputs (no graph optimizations), until ``max_samples`` samples (first axis) were seen."""
     from onnxcompress.verify.layers import expose_tensors
-    from onnxcompress.verify.session import make_session
+    from onnxcompress.verify.session import make_session, run_on_data
 
     model = ctx.model_of(graph)
     exposed, names = expose_tensors(model, names)
     sess = make_session(exposed, "cpu", optimize=False, base_dir=ctx.base_dir)
     seen = 0
-    for feed in ctx.feeds(model):
+    for i, feed in enumerate(ctx.feeds(model)):
         if seen >= max_samples:
             return
         n_batch = len(next(iter(feed.values()))) if feed else 1
@@ -71,7 +71,8 @@ def stream_tensors(graph: gs.Graph, ctx, names: list[str], max_samples: int):
         if take < n_batch:
             feed = {k: v[:take] for k, v in feed.items()}
         seen += take
-        yield names, sess.run(names, dict(feed))
+        outs = run_on_data(sess, feed, names, where="calibration (activation statistics)", batch=i + 1)
+        yield names, [outs[n] for n in names]
 
 
 def collect_input_stats(graph: gs.Graph, ctx, nodes: list[gs.Node], *, full: bool,

@@ -17,7 +17,9 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from onnxcompress.cli import Parser
+
+    p = Parser(
         prog="onnxcompress transfer",
         description="Copy trained weights from SRC into DST (by name, then by graph position and shape; "
                     "through DST's recorded plan when DST was compressed) and write OUT.",

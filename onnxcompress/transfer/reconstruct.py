@@ -573,13 +573,13 @@ class DistillPass(Pass):
         """Run the teacher once; store each batch's feed and targets in the scratch folder."""
         names = list(dict.fromkeys(names))
         sess = _session(teacher, names, ctx.original.base_dir)
-        from onnxcompress.verify.session import run_session
+        from onnxcompress.verify.session import run_on_data
 
         folder = ctx.scratch_dir() / "distill"
         folder.mkdir(exist_ok=True)
         files, samples = [], 0
         for i, feed in enumerate(_limited(ctx.feeds(teacher), max_samples)):
-            outs = run_session(sess, feed, names)
+            outs = run_on_data(sess, feed, names, where="distill (teacher activations)", batch=i + 1)
             path = folder / f"batch{i:05d}.npz"
             np.savez(path, **{f"feed:{k}": v for k, v in feed.items()},
                      **{f"t{j}": outs[n] for j, n in enumerate(names)})

@@ -47,7 +47,8 @@ from onnxcompress.errors import CalibrationError, ModelError, OnnxCompressError,
 from onnxcompress.verify.layers import analyse_layers, layer_session, shared_tensors
 from onnxcompress.verify.metrics import MetricAccumulator
 from onnxcompress.verify.report import OutputParity, ParityReport, ProviderRun
-from onnxcompress.verify.session import ProviderChoice, make_session, resolve_providers, run_session
+from onnxcompress.verify.session import (DATA_FIT_HINT, ProviderChoice, feed_shapes, make_session, resolve_providers,
+                                         run_session)
 from onnxcompress.verify.tolerance import LOSSLESS, Tolerance
 
 __all__ = ["compare_models", "output_steps"]
@@ -114,6 +115,7 @@ def compare_models(
     reference = _Model.read(ref, ref_base_dir, "reference")
     candidate = _Model.read(cand, cand_base_dir, "candidate")
     specs = input_specs(reference.proto)
+    given = feeds is not None or inputs is not None
     source = _feed_source(reference.proto, feeds if feeds is not None else inputs, shapes=shapes, batch=batch, seed=seed)
     outputs = [o.name for o in reference.proto.graph.output]
     problems: list[str] = []
@@ -156,6 +158,9 @@ def compare_models(
         try:
             ref_out = run_session(ref_session, feed)
         except Exception as exc:
+            if given:  # the user's data does not fit the model: a data error (exit 2), like calibration's
+                raise CalibrationError(f"the reference model failed to run on it ({feed_shapes(feed)}): "
+                                       f"{_one_line(exc)}", where=label, hint=DATA_FIT_HINT) from exc
             raise ModelError(
                 f"the reference model failed to run: {_one_line(exc)}",
                 where=label,

@@ -41,6 +41,9 @@ __all__ = [
     "resolve_providers",
     "make_session",
     "run_session",
+    "run_on_data",
+    "feed_shapes",
+    "DATA_FIT_HINT",
     "uses_external_data",
     "EXTERNAL_FOLDER_KEY",
 ]
@@ -200,7 +203,9 @@ def _options(optimize: bool, threads: int | None) -> ort.SessionOptions:
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    options.log_severity_level = 3  # errors only: optimizer warnings are noise for a parity check
+    # fatal only: optimizer warnings are noise for a parity check, and an error is raised as an exception
+    # (which we report in one line) besides being logged to stderr in colour
+    options.log_severity_level = 4
     if threads is not None:
         options.intra_op_num_threads = int(threads)
     return options
@@ -271,6 +276,31 @@ def run_session(
     values = {k: _to_ort_value(v) for k, v in feed.items()}
     results = session.run_with_ort_values(names, values)
     return {name: _from_ort_value(value) for name, value in zip(names, results)}
+
+
+def run_on_data(session: ort.InferenceSession, feed: Mapping[str, np.ndarray], names: Sequence[str] | None = None, *,
+                where: str, batch: int) -> dict[str, np.ndarray]:
+    """:func:`run_session` on a batch of the user's data; a failure there (a shape the
+    model cannot take, a token id out of range) is the data's, not a bug: it becomes a
+    :class:`~onnxcompress.errors.CalibrationError` naming the batch (1-based) and its shapes."""
+    try:
+        return run_session(session, feed, names)
+    except Exception as exc:  # onnxruntime's Fail / InvalidArgument / RuntimeException
+        from onnxcompress.errors import CalibrationError
+
+        message = " ".join(str(exc).split())
+        raise CalibrationError(f"onnxruntime failed on calibration batch {batch} ({feed_shapes(feed)}): "
+                               f"{message[:300]}", where=where, hint=DATA_FIT_HINT) from exc
+
+
+#: the hint of every error raised when onnxruntime cannot run the model on the user's data
+DATA_FIT_HINT = ("the data must fit the model: check the feeds' shapes and dtypes against the model's inputs, "
+                 "and values such as token ids against their tables")
+
+
+def feed_shapes(feed: Mapping[str, np.ndarray]) -> str:
+    """``x: float32[4, 7], ids: int64[4, 16]``: a feed as an error message names it."""
+    return ", ".join(f"{k}: {np.asarray(v).dtype}{list(np.shape(v))}" for k, v in feed.items())
 
 
 def _is_exotic(dtype: np.dtype) -> bool:
