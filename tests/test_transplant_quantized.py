@@ -114,3 +114,48 @@ def test_clipping_is_reported_and_shape_mismatch_declines():
     _, rep2 = transplant(b.mlp(seed=0), other)
     assert not rep2.requantized and rep2.by_name == ["B1"]  # only the output bias has the same shape
     assert {"W0_quantized", "W1_quantized"} <= set(rep2.unmatched_dst)
+
+
+def test_cli_checks_a_transfer_into_a_quantized_destination_within_the_lossy_budget(tmp_path, capsys):
+    """A re-quantized OUT cannot reproduce SRC within float rounding; the command checks it within
+    the lossy budget instead (it used to fail at the lossless tolerance), says so, and with
+    --calib-data recalibrates the destination's ranges and checks on that data."""
+    import json
+
+    from onnxcompress.cli import main
+
+    src, dst, data = tmp_path / "src.onnx", tmp_path / "dst.onnx", tmp_path / "data.npz"
+    onnx.save(b.mlp(seed=0), src)
+    onnx.save(_int8(b.mlp(seed=1)), dst)
+    np.savez(data, **X)
+    report = tmp_path / "r.json"
+    assert main(["transfer", str(src), str(dst), str(tmp_path / "o.onnx"), "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "checked within the lossy budget: 2 weight(s) re-quantized on DST's grid" in out and "PASSED" in out
+    parity = json.loads(report.read_text())["parity"]
+    assert parity["tolerance"]["min_cosine"] == 0.98 and parity["tolerance"]["atol"] is None
+    assert main(["transfer", str(src), str(dst), str(tmp_path / "o2.onnx"), "--calib-data", str(data),
+                 "--report", str(report)]) == 0
+    rep = json.loads(report.read_text())
+    assert sorted(rep["recalibrated"]) == ["mm0_float", "mm1_float", "relu0", "x"]
+    assert rep["parity"]["tolerance"]["min_top1"] == 0.9 and rep["parity"]["feeds"] == 1
+    (ref,), (got,) = b.run(b.mlp(seed=0), X), b.run(onnx.load(tmp_path / "o2.onnx"), X)
+    assert _cos(ref, got) > 0.99
+
+
+def test_cli_a_lossy_transfer_beyond_the_budget_fails_and_writes_nothing(tmp_path, capsys):
+    """A destination whose activation ranges are 20x too narrow for any weights (its input clips): the
+    lossy check fails with exit 1 and no output file."""
+    from onnxcompress.cli import main
+
+    src, dst = tmp_path / "src.onnx", tmp_path / "dst.onnx"
+    onnx.save(b.mlp(seed=0), src)
+    q = _int8(b.mlp(seed=1))
+    for t in q.graph.initializer:
+        if t.name == "x_scale":
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) / 20, t.name))
+    onnx.save(q, dst)
+    assert main(["transfer", str(src), str(dst), str(tmp_path / "o.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "further from SRC's outputs than the lossy budget allows (2 weight(s) re-quantized" in err
+    assert not (tmp_path / "o.onnx").exists()
