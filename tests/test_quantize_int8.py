@@ -508,3 +508,27 @@ def test_a_weight_shared_with_a_float_reader_keeps_its_float_copy():
     assert any(t.name == "fc1.w" and t.data_type == TensorProto.FLOAT for t in out.graph.initializer)
     x = _feeds(m, 4, seed=2)
     np.testing.assert_array_equal(builders.run(m, x)[1], builders.run(out, x)[1])  # the float reader is exact
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_a_dead_channel_keeps_its_bias(per_channel):
+    """A Gemm neuron whose weights are all zero (pruned, dead) but whose bias is 0.7: its weight scale
+    used to be the 1e-12 floor, so the int32 bias round(0.7 / (s_x · 1e-12)) saturated and the neuron
+    output ~0 instead of 0.7 — while the whole-output cosine still passed. The weight scale is now
+    raised until the bias fits (|b| / (s_x s_w) <= 2^30), and the neuron keeps its bias."""
+    m = _gemm_relu(seed=3, sizes=(32, 16, 10))
+    init = {t.name: t for t in m.graph.initializer}
+    w = numpy_helper.to_array(init["fc1.w"]).copy()
+    b = numpy_helper.to_array(init["fc1.b"]).copy()
+    w[5], b[5] = 0.0, 0.7
+    init["fc1.w"].CopyFrom(numpy_helper.from_array(w, "fc1.w"))
+    init["fc1.b"].CopyFrom(numpy_helper.from_array(b, "fc1.b"))
+    feeds = _feeds(m, n=128)
+    res = compress(m, _recipe(mode="static", per_channel=per_channel), data=[feeds])
+    (ref,), (out,) = builders.run(m, feeds), builders.run(res.model, feeds)
+    step = _output_step(res.model)
+    assert np.abs(out[:, 5] - 0.7).max() <= step  # within one output step of the bias it must show
+    assert np.abs(out - ref).max() <= 3 * step
+    fc1 = next(n for n in _plan(res)["nodes"] if n["node"] == "fc1")
+    # per tensor, the scale comes from the live channels and already holds the bias
+    assert fc1["weight"].get("bias_safe_scales") == (1 if per_channel else None)

@@ -170,6 +170,32 @@ def dequantize(q: np.ndarray, p: QParams) -> np.ndarray:
     return ((q.astype(np.int32) - z) * s).astype(np.float32)
 
 
+#: the largest |int32 bias| we produce: half the int32 range, the rest left to the accumulated products
+BIAS_LIMIT = 2.0**30
+
+
+def bias_safe_weight_scale(w_scale: np.ndarray, bias: np.ndarray, x_scale: float) -> tuple[np.ndarray, int]:
+    """Raise the weight scales whose int32 bias would overflow; return them and how many were raised.
+
+    The bias is stored as ``round(b / (s_x s_w))`` in int32. A channel whose weights are all zero
+    or tiny (a pruned filter, a dead neuron) gets a tiny ``s_w`` while its bias may be large, so the
+    quotient saturates and the channel loses its bias. The rule: ``s_w >= |b| / (s_x · 2^30)`` per
+    channel (a per-tensor scale takes the largest such bound). The weights of a raised channel are
+    then coarser — below its bias's precision, they matter less than the bias does.
+    """
+    ws = np.asarray(w_scale, dtype=np.float64)
+    need = np.abs(np.asarray(bias, dtype=np.float64)).reshape(-1) / (max(float(x_scale), MIN_SCALE) * BIAS_LIMIT)
+    if ws.size == 1:
+        need = np.asarray(need.max() if need.size else 0.0)
+        need = need.reshape(ws.shape)
+    elif need.size != ws.size:
+        return np.asarray(w_scale), 0
+    else:
+        need = need.reshape(ws.shape)
+    raised = int(np.count_nonzero(need > ws))
+    return np.maximum(ws, need).astype(np.asarray(w_scale).dtype), raised
+
+
 def quantize_bias(b: np.ndarray, x_scale: float, w_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int32 bias in the accumulator's unit: ``(round(b / (s_x * s_w)), s_x * s_w)``."""
     s = (np.float32(x_scale) * np.asarray(w_scale, dtype=np.float32)).astype(np.float32)

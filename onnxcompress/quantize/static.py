@@ -31,6 +31,7 @@ The plan (:mod:`onnxcompress.quantize.plan`) is written into ``PassResult.detail
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from onnxcompress.quantize import policy
 from onnxcompress.quantize.calibrate import Calibrator, collect_stats
 from onnxcompress.quantize.config import QuantizeInt8Config
 from onnxcompress.quantize.dynamic import dynamic_check, quantize_dynamic_node
-from onnxcompress.quantize.params import QParams, affine_params, qtype, weight_params
+from onnxcompress.quantize.params import QParams, affine_params, bias_safe_weight_scale, qtype, weight_params
 from onnxcompress.quantize.plan import Plan, TensorPlan
 from onnxcompress.quantize.qdq import QDQBuilder
 from onnxcompress.quantize.smoothquant import apply_smoothing, smooth_candidates, smooth_check
@@ -416,8 +417,13 @@ class QuantizeInt8Pass(Pass):
         w = np.asarray(const_value(w_t), dtype=np.float32)
         axis = weight_axis(node, w.ndim) if cfg.per_channel else None
         p = weight_params(w, wqt, axis=axis, symmetric=True)
+        has_bias = node.op in ("Gemm", "Conv", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2].name
+        raised = 0
+        if has_bias:  # a dead channel's tiny weight scale would overflow its int32 bias
+            scale, raised = bias_safe_weight_scale(p.scale, const_value(node.inputs[2]), xs)
+            p = dataclasses.replace(p, scale=scale)
         base = w_t.name
-        key = (id(w_t), axis, wqt.name)
+        key = (id(w_t), axis, wqt.name, np.asarray(p.scale).tobytes())  # a raised scale is another int8 copy
         shared = len(consumers(w_t)) > 1
         y = qb.weight(key, w, p, base)
         node.inputs[1] = y
@@ -425,7 +431,7 @@ class QuantizeInt8Pass(Pass):
         if shared:
             info["shared"] = "the float weight stays for its other readers" if consumers(w_t) else "one int8 copy"
 
-        if node.op in ("Gemm", "Conv", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2].name:
+        if has_bias:
             b_t = node.inputs[2]
             b = np.asarray(const_value(b_t), dtype=np.float32)
             ws = np.asarray(p.scale, dtype=np.float32)
@@ -433,6 +439,8 @@ class QuantizeInt8Pass(Pass):
                 ws = np.full(b.shape, float(ws), np.float32)
             node.inputs[2] = qb.bias(b, xs, ws, b_t.name)
             info["bias"] = "int32"
+            if raised:
+                info["bias_safe_scales"] = raised  # channels whose weight scale was raised to hold the bias
         return info
 
     def _calibrate(self, model, ctx, needed, base_dir, plan: Plan):
