@@ -203,6 +203,11 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+    # graphsurgeon logs through its own logger, to stdout ("[W] Could not convert: BFLOAT16 ..."): its
+    # warnings are about its own type mapping, noise in our summary and in -q's silence
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.WARNING if verbose >= 2 else G_LOGGER.ERROR
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: finally blocks remove temp files

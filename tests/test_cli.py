@@ -35,6 +35,13 @@ def test_quiet_prints_nothing(model_path, tmp_path, capsys):
     assert cap.out == "" and cap.err == ""
 
 
+def test_quiet_prints_nothing_with_bf16_either(model_path, tmp_path, capfd):
+    """graphsurgeon's own logger prints '[W] Could not convert: BFLOAT16 ...' to stdout; -q silences it."""
+    assert main([str(model_path), str(tmp_path / "o.onnx"), "-q", "--bf16"]) == 0
+    cap = capfd.readouterr()
+    assert cap.out == "" and cap.err == ""
+
+
 def test_print_recipe(model_path, capsys):
     assert main([str(model_path), "--print-recipe", "--fold-max-growth", "2"]) == 0
     r = json.loads(capsys.readouterr().out)

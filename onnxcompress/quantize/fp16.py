@@ -370,7 +370,11 @@ class ConvertFp16Pass(Pass):
         ref = weight_ref(t, g)
         if ref is not None and ref.dtype == np.float32:
             ok = not self._weight_check(ref.constant, st)
-            if want == "half" or (ok and st.cfg.store_kept_weights and ref.size >= 16):
+            # a custom-domain op keeps its constant inputs as they are: onnxruntime's contrib kernels
+            # prepack constant inputs at load, and MatMulNBits (accuracy level 4) given its scales
+            # through a Cast computes wrong numbers unless the optimizer happens to fold that Cast
+            native = (node.domain or "") in ("", "ai.onnx")
+            if want == "half" or (ok and native and st.cfg.store_kept_weights and ref.size >= 16):
                 h = self._half_constant(ref, g, st)
                 if want == "half":
                     return h
