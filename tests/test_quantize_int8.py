@@ -310,6 +310,37 @@ def test_if_subgraph_weights_are_quantized():
     assert _cosine(builders.run(base, x)[0], builders.run(out, x)[0]) > 0.999
 
 
+def test_static_with_layers_both_outside_and_inside_an_if():
+    """A MatMul in the main graph (calibrated, QDQ) feeding an If whose branches hold MatMuls (dynamic):
+    the replaced branch nodes used to stay listed, emptied, in the body, so the model exported for
+    calibration failed to load ('has zero input and zero output') and the valid input was blamed."""
+    rng = np.random.default_rng(0)
+    w = {k: numpy_helper.from_array((0.3 * rng.standard_normal((16, 16))).astype(np.float32), k)
+         for k in ("w_pre", "w_t", "w_e")}
+    vi = helper.make_tensor_value_info
+    then_g = helper.make_graph([helper.make_node("MatMul", ["h", "w_t"], ["t1"], name="then_mm"),
+                                helper.make_node("Relu", ["t1"], ["t_out"], name="then_relu")], "then", [],
+                               [vi("t_out", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["h", "w_e"], ["e_out"], name="else_mm")], "else", [],
+                               [vi("e_out", TensorProto.FLOAT, None)])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_pre"], ["h"], name="pre"),
+         helper.make_node("ReduceSum", ["h"], ["s"], keepdims=0, name="rs"),
+         helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+         helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="if")],
+        "g", [vi("x", TensorProto.FLOAT, ["N", 16])], [vi("y", TensorProto.FLOAT, ["N", 16])],
+        [*w.values(), numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = {"x": rng.standard_normal((64, 16)).astype(np.float32)}
+    res = compress(m, _recipe(mode="static", keep_first_last=False), data=[x])
+    onnx.checker.check_model(res.model, full_check=True)
+    forms = {n["node"]: n["form"] for n in _plan(res)["nodes"]}
+    assert forms["then_mm"] == forms["else_mm"] == "dynamic" and forms["pre"] == "qdq"
+    for sign in (1, -1):  # sum(h) is linear in x: x and -x take the two branches
+        feed = {"x": x["x"][:1] * sign}
+        assert _cosine(builders.run(m, feed)[0], builders.run(res.model, feed)[0]) > 0.995
+
+
 # ---------------------------------------------------------------------------------------------- transformers
 
 

@@ -42,7 +42,7 @@ from onnxcompress.errors import CalibrationError
 from onnxcompress.graph.naming import Namer
 from onnxcompress.graph.query import const_value, consumers, is_constant, is_graph_io, iter_graphs, name_matches
 from onnxcompress.graph.rewrite import disconnect, replace_all_uses, replace_output
-from onnxcompress.passes.base import Pass, PassResult
+from onnxcompress.passes.base import Pass, PassResult, cleanup_graph
 from onnxcompress.quantize import policy
 from onnxcompress.quantize.calibrate import Calibrator, collect_stats
 from onnxcompress.quantize.config import QuantizeInt8Config
@@ -231,6 +231,9 @@ class QuantizeInt8Pass(Pass):
             self._dynamic(graph, graph_list=subgraphs, res=res, plan=plan, namer=namer,
                           why="inside an If/Loop body: activations there cannot be calibrated, so dynamic int8 "
                               "or int8 storage")
+            # the replaced body nodes are disconnected but still listed; the model calibrated below
+            # is exported from this graph, so they must go first (an empty MatMul fails to load)
+            cleanup_graph(graph)
         weighted = [n for n in graph.nodes if n.op in policy.QUANTIZED]
         ends = {id(weighted[0]), id(weighted[-1])} if (cfg.keep_first_last and weighted) else set()
         qnodes = []
