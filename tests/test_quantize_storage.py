@@ -153,3 +153,31 @@ def test_cli_storage_flag(tmp_path):
     out = tmp_path / "out.onnx"
     assert main([str(src), str(out), "--storage", "int4", "--storage-block", "32", "-q"]) == 0
     assert out.stat().st_size < 0.3 * src.stat().st_size
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_an_initializer_read_by_both_if_branches_is_decoded_in_the_main_graph(bits):
+    """Both branches of an If read the main graph's weight ``w``: the decode used to land in the branch
+    that found it first, so the other branch read a tensor it cannot see (an invalid model). It now
+    goes to the main graph, where both branches see it."""
+    rng = np.random.default_rng(0)
+    w = (0.2 * rng.standard_normal((64, 64))).astype(np.float32)
+    vi = helper.make_tensor_value_info
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t_out"], name="then_mm")], "then", [],
+                               [vi("t_out", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["e0"], name="else_mm"),
+                                helper.make_node("Neg", ["e0"], ["e_out"], name="else_neg")], "else", [],
+                               [vi("e_out", TensorProto.FLOAT, None)])
+    g = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="rs"),
+                           helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+                           helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="if")],
+                          "g", [vi("x", TensorProto.FLOAT, ["N", 64])], [vi("y", TensorProto.FLOAT, ["N", 64])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    res = compress(m, Recipe(steps=(StorageConfig(bits=bits),)))
+    onnx.checker.check_model(res.model, full_check=True)
+    assert not any(t.name == "w" for t in res.model.graph.initializer)  # stored compactly, decoded once
+    x = np.abs(rng.standard_normal((4, 64))).astype(np.float32)
+    for feed in ({"x": x}, {"x": -x}):  # the two branches
+        ref, out = builders.run(m, feed)[0], builders.run(res.model, feed)[0]
+        assert float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.99

@@ -34,7 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.graph.naming import Namer
-from onnxcompress.graph.query import WeightRef, is_graph_io, iter_weights
+from onnxcompress.graph.query import WeightRef, is_graph_io, iter_nodes, iter_weights
 from onnxcompress.graph.rewrite import replace_all_uses
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.quantize.config import StorageConfig
@@ -175,6 +175,7 @@ class StoragePass(Pass):
         res = PassResult()
         namer = Namer.for_graph(graph)
         plan = []
+        home = {id(n): g for n, g in iter_nodes(graph)}
         for w in list(iter_weights(graph, float_only=True)):
             if not any(c.op in WEIGHT_SLOTS for c in w.consumers):
                 continue
@@ -184,7 +185,10 @@ class StoragePass(Pass):
                 plan.append({"weight": w.name, "stored": False, "reason": reason})
                 continue
             axis = weight_axis(w.consumers[0], len(w.shape))
-            enc = encode_weight(w.graph, namer, w.values, base=w.name, bits=cfg.bits, axis=axis, block=cfg.block)
+            # the decode goes where every reader sees it: an initializer read from two If branches is
+            # decoded in the main graph (outer scope), not in the branch that found it first
+            where = w.graph if w.node is not None or all(home.get(id(c)) is w.graph for c in w.consumers) else graph
+            enc = encode_weight(where, namer, w.values, base=w.name, bits=cfg.bits, axis=axis, block=cfg.block)
             replace_all_uses(w.tensor, enc.output)
             info = {"weight": w.name, "stored": True, "kind": w.kind, "shape": list(w.shape), **enc.info}
             if cfg.block and not enc.info["block"]:
