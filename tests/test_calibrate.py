@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import builders
 from onnxcompress.api import compress
@@ -211,3 +211,27 @@ def test_cache_is_reused_only_with_the_same_settings(tmp_path):
     assert Calibrator("percentile", percentile=99.99, num_bins=512, cache=str(path)).cached(["a"]) is None
     again = Calibrator("percentile", percentile=99.99, cache=str(path))
     assert again.cached(["a"]) == {"a": (-1.0, 2.0)} and again.from_cache
+
+
+def test_cache_of_another_model_is_not_reused(tmp_path):
+    """The same graph with other weights (a retrained checkpoint) has other activation ranges: its
+    cache used to be reused by tensor names alone (cosine 0.79 on the digits MLP with weights x3).
+    The cache records a fingerprint of the calibrated model; another model recalibrates (with a note)
+    or, without data, stops with an error."""
+    m1, m2 = builders.mlp((16, 12, 8), seed=0), builders.mlp((16, 12, 8), seed=0)
+    for t in m2.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 3, t.name))
+    rng = np.random.default_rng(9)
+    data = [{"x": rng.standard_normal((32, 16)).astype(np.float32)}]
+    cache = tmp_path / "ranges.json"
+    cfg = QuantizeInt8Config(mode="static", calib_cache=str(cache))
+    compress(m1, Recipe(steps=(cfg,)), data=data)
+    again = compress(m1, Recipe(steps=(cfg,)))  # the same model, no data: reused
+    assert any("cache" in n for n in again.report.to_dict()["steps"][0]["details"]["plan"]["notes"])
+    with pytest.raises(CalibrationError, match="was made for another model"):
+        compress(m2, Recipe(steps=(cfg,)))
+    res = compress(m2, Recipe(steps=(cfg,)), data=data)
+    assert any("made for another model" in n and "recalibrated" in n for n in res.report.notes)
+    fresh = compress(m2, Recipe(steps=(QuantizeInt8Config(mode="static"),)), data=data)
+    x = {"x": rng.standard_normal((8, 16)).astype(np.float32)}
+    np.testing.assert_array_equal(builders.run(res.model, x)[0], builders.run(fresh.model, x)[0])

@@ -37,6 +37,7 @@ hi]}}``) and reuses them when every tensor the plan needs is in the file and the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -283,13 +284,15 @@ class Calibrator:
     """Ranges for a set of tensors by one method, with an optional JSON cache."""
 
     def __init__(self, method: str, *, percentile: float = 99.99, num_bins: int = 2048, levels: int = 255,
-                 cache: str | None = None) -> None:
+                 cache: str | None = None, model: str | None = None) -> None:
         self.method = method
         self.percentile = percentile
         self.num_bins = num_bins
         self.levels = levels
         self.cache = Path(cache) if cache else None
+        self.model = model  # model_fingerprint() of the model calibrated: a cache of another is not reused
         self.from_cache = False
+        self.rejected = ""  # why an existing cache was not reused
 
     def ranges(self, stats: dict[str, TensorStats]) -> dict[str, tuple[float, float]]:
         out = {}
@@ -302,27 +305,42 @@ class Calibrator:
         if self.cache is None or not self.cache.is_file():
             return None
         data = load_cache(self.cache)
-        if data.get("method") != self.method:
-            log.info("calibration cache %s is for method %s; recalibrating", self.cache, data.get("method"))
-            return None
-        if data.get("settings") != self.settings():
-            log.info("calibration cache %s was made with other settings (%s, now %s); recalibrating", self.cache,
-                     data.get("settings"), self.settings())
-            return None
+        settings = dict(data.get("settings") or {})
+        model = settings.pop("model", None)
         r = data["ranges"]
-        if any(n not in r for n in needed):
-            log.info("calibration cache %s lacks some tensors; recalibrating", self.cache)
+        if data.get("method") != self.method:
+            self.rejected = f"was made by the {data.get('method')} method"
+        elif model != self.model:
+            self.rejected = "was made for another model (or other weights)"
+        elif settings != {k: v for k, v in self.settings().items() if k != "model"}:
+            self.rejected = f"was made with other settings ({settings})"
+        elif any(n not in r for n in needed):
+            self.rejected = "lacks some of this model's tensors"
+        if self.rejected:
+            log.info("calibration cache %s %s; recalibrating", self.cache, self.rejected)
             return None
         self.from_cache = True
         return {n: (float(r[n][0]), float(r[n][1])) for n in needed}
 
     def settings(self) -> dict:
         """What besides the method decides a range: a cache made with other values is not reused."""
-        return {"percentile": float(self.percentile), "num_bins": int(self.num_bins), "levels": int(self.levels)}
+        return {"percentile": float(self.percentile), "num_bins": int(self.num_bins), "levels": int(self.levels),
+                "model": self.model}
 
     def store(self, ranges: dict[str, tuple[float, float]]) -> None:
         if self.cache is not None:
             save_cache(self.cache, self.method, ranges, self.settings())
+
+
+def model_fingerprint(model: onnx.ModelProto) -> str:
+    """A short hash of what decides a model's activations: its nodes (attributes, subgraphs and
+    ``Constant`` values included), initializers, inputs and outputs. Read tensor by tensor, so no
+    second copy of the model is made; weights held in external data count by their location."""
+    h = hashlib.sha256()
+    g = model.graph
+    for part in (*g.input, *g.output, *g.node, *g.initializer, *g.sparse_initializer):
+        h.update(part.SerializeToString())
+    return h.hexdigest()[:16]
 
 
 def save_cache(path: str | Path, method: str, ranges: dict[str, tuple[float, float]], settings: dict) -> None:

@@ -45,7 +45,8 @@ class QuantizeInt8Config(StepConfig):
     max_calib_batches: int = option(0, "stop calibrating after this many batches (0: all of them)",
                                     flag="--calib-batches", minimum=0)
     calib_cache: str | None = option(None, "save the calibrated ranges to this JSON file, or reuse them when it "
-                                     "exists and matches the model", flag="--calib-cache", metavar="FILE")
+                                     "exists and was made for this model (graph and weights) with the same "
+                                     "method and settings; the calibration data is not checked", flag="--calib-cache", metavar="FILE")
     exclude_nodes: tuple[str, ...] = option((), "node name patterns (fnmatch, comma separated) kept in float",
                                             flag="--exclude-nodes", metavar="PATTERNS")
     exclude_ops: tuple[str, ...] = option((), "op types kept in float (comma separated)", flag="--exclude-ops",

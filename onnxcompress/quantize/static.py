@@ -44,7 +44,7 @@ from onnxcompress.graph.query import const_value, consumers, is_constant, is_gra
 from onnxcompress.graph.rewrite import disconnect, replace_all_uses, replace_output
 from onnxcompress.passes.base import Pass, PassResult, cleanup_graph
 from onnxcompress.quantize import policy
-from onnxcompress.quantize.calibrate import Calibrator, collect_stats
+from onnxcompress.quantize.calibrate import Calibrator, collect_stats, model_fingerprint
 from onnxcompress.quantize.config import QuantizeInt8Config
 from onnxcompress.quantize.dynamic import dynamic_check, quantize_dynamic_node
 from onnxcompress.quantize.params import QParams, affine_params, bias_safe_weight_scale, qtype, weight_params
@@ -450,15 +450,19 @@ class QuantizeInt8Pass(Pass):
         cfg: QuantizeInt8Config = self.config
         levels = qtype(cfg.activation_type).qmax - qtype(cfg.activation_type).qmin
         cal = Calibrator(cfg.calib_method, percentile=cfg.percentile, num_bins=cfg.num_bins, levels=levels,
-                         cache=cfg.calib_cache)
+                         cache=cfg.calib_cache,
+                         model=model_fingerprint(model) if cfg.calib_cache and model is not None else None)
         ranges = cal.cached(needed)
         if ranges is not None:
             plan.notes.append(f"ranges from the calibration cache {cfg.calib_cache}")
             return ranges, "cache"
         if ctx is None or getattr(ctx, "data", None) is None:
-            raise CalibrationError(f"the calibration cache {cfg.calib_cache} does not cover this model's tensors "
-                                   "and no calibration data was given", where="quantize_int8",
-                                   hint="pass --calib-data to recalibrate")
+            found = cal.rejected or "does not exist"
+            raise CalibrationError(f"the calibration cache {cfg.calib_cache} {found}, and no calibration data was "
+                                   "given", where="quantize_int8", hint="pass --calib-data to recalibrate")
+        if cal.rejected:
+            ctx.note(f"int8: the calibration cache {cfg.calib_cache} {cal.rejected}: recalibrated, and the cache "
+                     "rewritten")
         feeds = ctx.feeds(model)
         stats = collect_stats(model, needed, feeds, num_bins=cfg.num_bins, max_batches=cfg.max_calib_batches,
                               base_dir=base_dir, progress=ctx.progress_bar if ctx.progress else None)
