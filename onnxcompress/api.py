@@ -137,6 +137,10 @@ def compress(
         report.input = ModelStats.of_model(src.model, src.base_dir)
         graph = model_to_graph(src)  # shares src.model's tensors; graph_to_model never writes into them
         Pipeline(passes).run(graph, ctx, report)
+        custom = _custom_ops(src.model)
+        if custom:
+            ctx.note(f"{sum(custom.values())} node(s) of custom domains passed through unchanged "
+                     f"({', '.join(sorted(custom))})")
         out = graph_to_model(graph, src.model)
         if recipe.output.embed_plan:
             embed_plan(out, plan_of(report))
@@ -206,16 +210,38 @@ def _lean(obj: Any) -> Any:
     return obj
 
 
+#: op domains onnx and onnxruntime define; any other is a custom op, passed through unchanged
+KNOWN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training")
+
+
+def _custom_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """``{"domain:Op": count}`` of the nodes (subgraphs and functions included) of custom domains."""
+    found: dict[str, int] = {}
+
+    def walk(nodes) -> None:
+        for n in nodes:
+            if n.domain not in KNOWN_DOMAINS and not any(f.name == n.op_type and f.domain == n.domain
+                                                         for f in model.functions):
+                key = f"{n.domain}:{n.op_type}"
+                found[key] = found.get(key, 0) + 1
+            for a in n.attribute:
+                walk(a.g.node if a.type == onnx.AttributeProto.GRAPH else ())
+                for g in a.graphs:
+                    walk(g.node)
+
+    walk(model.graph.node)
+    for f in model.functions:
+        walk(f.node)
+    return found
+
+
 def _verify(src: ModelSource, out: onnx.ModelProto, recipe: Recipe, ctx: Context, lossless: bool):
     from onnxcompress.data import FeedsUsedUp
-    from onnxcompress.verify import LOSSY_RANDOM, Tolerance, compare_models, policy_for
+    from onnxcompress.verify import LOSSY_RANDOM, compare_models, policy_for
+    from onnxcompress.verify.tolerance import overridden
 
     v = recipe.verify
-    explicit = any(x is not None for x in (v.atol, v.rtol, v.min_cosine, v.min_top1))
-    if explicit:
-        tol = Tolerance(atol=v.atol, rtol=v.rtol, min_cosine=v.min_cosine, min_top1=v.min_top1, max_steps=None)
-    else:
-        tol = policy_for("lossless" if lossless else "lossy")
+    tol = policy_for("lossless" if lossless else "lossy")
     feeds = None
     source = ctx.feeds(src.model)
     if source is not None:
@@ -229,8 +255,10 @@ def _verify(src: ModelSource, out: onnx.ModelProto, recipe: Recipe, ctx: Context
         if feeds is None:
             ctx.note("verification used seeded random inputs: the calibration data source could not be "
                      "read a second time (pass an .npz, a folder or a list to verify on real data)")
-    if feeds is None and not explicit and not lossless:
+    if feeds is None and not lossless:
         tol = LOSSY_RANDOM
+    tol = overridden(tol, atol=v.atol, rtol=v.rtol, min_cosine=v.min_cosine, min_top1=v.min_top1)
+    if feeds is None and not lossless and v.min_top1 is None and tol.min_top1 == 0:
         if ctx.data is None:
             ctx.note("verification ran on seeded random inputs, so top-1 agreement was reported, not enforced "
                      "(random inputs sit near class boundaries); give --calib-data to check it on real data")

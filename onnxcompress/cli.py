@@ -148,7 +148,7 @@ def recipe_from_args(args: argparse.Namespace, targets: dict[str, list[_Target]]
     """Build the Recipe: ``--recipe`` file, then presets, then explicit flags."""
     from onnxcompress.passes.registry import pass_classes
     from onnxcompress.recipe import OutputConfig, Recipe, VerifyConfig, config_from_dict
-    from onnxcompress.recipes import PRESETS, lossless_steps, with_preset_output
+    from onnxcompress.recipes import PRESETS, lossless_steps, with_preset_output, with_preset_steps
 
     chosen = [pre for pre in PRESETS if getattr(args, f"preset_{pre.name}", False)]
     base = Recipe.from_file(args.recipe) if args.recipe else Recipe()
@@ -160,9 +160,7 @@ def recipe_from_args(args: argparse.Namespace, targets: dict[str, list[_Target]]
     if not args.recipe and args.lossless:
         for s in lossless_steps():
             recipe = recipe.with_step(s)
-    for pre in chosen:
-        for s in pre.steps():
-            recipe = recipe.with_step(s)
+    recipe = with_preset_steps(recipe, chosen)
     if not args.recipe:  # a recipe file's output settings win over a preset's
         recipe = with_preset_output(recipe, chosen)
     for cls in [*step_flags, *[c for c in enabling if c not in step_flags]]:

@@ -209,12 +209,16 @@ class VerifyConfig:
                                         flag="--providers", choices=("cpu", "cuda"), metavar="LIST")
     batch: int = option(8, "batch size of the random verification feed when no data is given",
                         flag="--verify-batch", minimum=1)
-    atol: float | None = option(None, "absolute tolerance (overrides the technique's policy)", flag="--atol", minimum=0)
-    rtol: float | None = option(None, "tolerance relative to the output's largest magnitude (overrides the policy)",
-                                flag="--rtol", minimum=0)
-    min_cosine: float | None = option(None, "minimum cosine similarity per output (overrides the policy)",
-                                      flag="--min-cosine", minimum=-1, maximum=1)
-    min_top1: float | None = option(None, "minimum top-1 agreement for classifier outputs (overrides the policy)",
+    # each replaces its own criterion of the technique's policy and keeps the others of its family
+    # (bound: atol, rtol; task: min_cosine, min_top1); one family alone replaces the other
+    # (verify.tolerance.overridden)
+    atol: float | None = option(None, "absolute tolerance (replaces the policy's; with rtol, the bound family)",
+                                flag="--atol", minimum=0)
+    rtol: float | None = option(None, "tolerance relative to the output's largest magnitude (replaces the "
+                                "policy's)", flag="--rtol", minimum=0)
+    min_cosine: float | None = option(None, "minimum cosine similarity per output (replaces the policy's; with "
+                                      "min_top1, the task family)", flag="--min-cosine", minimum=-1, maximum=1)
+    min_top1: float | None = option(None, "minimum top-1 agreement for classifier outputs (replaces the policy's)",
                                     flag="--min-top1", minimum=0, maximum=1)
 
     def __post_init__(self) -> None:

@@ -20,9 +20,11 @@ from onnxcompress.quantize.int4 import QuantizeInt4Config
 from onnxcompress.quantize.embed import QuantizeEmbeddingConfig
 from onnxcompress.quantize.fp16 import ConvertFp16Config
 from onnxcompress.transfer.stages import deep_compression_steps
+from onnxcompress.errors import RecipeError
 from onnxcompress.recipe import Recipe, StepConfig
 
-__all__ = ["Preset", "PRESETS", "lossless_steps", "preset_recipe", "default_recipe", "with_preset_output"]
+__all__ = ["Preset", "PRESETS", "lossless_steps", "preset_recipe", "default_recipe", "with_preset_output",
+           "with_preset_steps"]
 
 
 def lossless_steps() -> list[StepConfig]:
@@ -73,10 +75,23 @@ def preset_recipe(names: list[str], *, lossless: bool = True) -> Recipe:
         for s in lossless_steps():
             recipe = recipe.with_step(s)
     by_name = {p.name: p for p in PRESETS}
-    for n in names:
-        for s in by_name[n].steps():
+    presets = [by_name[n] for n in names]
+    return with_preset_output(with_preset_steps(recipe, presets), presets)
+
+
+def with_preset_steps(recipe: Recipe, presets: list[Preset]) -> Recipe:
+    """``recipe`` with the presets' steps; two presets that set one step differently (``--fp16
+    --bf16``) are a RecipeError, not the later one silently winning."""
+    set_by: dict[str, tuple[Preset, StepConfig]] = {}
+    for pre in presets:
+        for s in pre.steps():
+            earlier = set_by.get(s.name)
+            if earlier is not None and earlier[0] is not pre and earlier[1] != s:
+                raise RecipeError(f"{earlier[0].flag} and {pre.flag} both set the {s.name} step, differently",
+                                  where="presets", hint="give one of them")
+            set_by[s.name] = (pre, s)
             recipe = recipe.with_step(s)
-    return with_preset_output(recipe, [by_name[n] for n in names])
+    return recipe
 
 
 def with_preset_output(recipe: Recipe, presets: list[Preset]) -> Recipe:

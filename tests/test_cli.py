@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 
@@ -132,3 +133,33 @@ def test_repair_hint_asks_for_data_when_the_repair_was_skipped_for_lack_of_it():
     assert _repair_hint(recipe, None).startswith("give --calib-data DATA: the repair (distill) needs it")
     assert _repair_hint(recipe, "calib.npz") == "try a milder sparsify setting; "
     assert _repair_hint(preset_recipe(["int8"]), None) == ""
+
+
+def test_two_presets_that_set_one_step_differently_are_refused(model_path, tmp_path, capsys):
+    """--fp16 --bf16 used to become bfloat16 silently (the later preset replaced the step)."""
+    assert main([str(model_path), str(tmp_path / "o.onnx"), "--fp16", "--bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "--fp16 and --bf16 both set the convert_fp16 step" in err and not (tmp_path / "o.onnx").exists()
+
+
+def _custom_op_model() -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    w = onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "W")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+                           helper.make_node("Bar", ["y"], ["z"], domain="foo", name="bar")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 64])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("foo", 1)])
+
+
+def test_custom_ops_pass_through_reported_and_unverifiable_models_get_a_useful_hint(tmp_path, capsys):
+    onnx.save(_custom_op_model(), tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    assert main([str(tmp_path / "m.onnx"), str(out), "--int8"]) == 3  # onnxruntime cannot run foo:Bar
+    err = capsys.readouterr().err
+    assert "foo:Bar" in err and "use --no-verify and data-free techniques" in err and not out.exists()
+    assert main([str(tmp_path / "m.onnx"), str(out), "--int8", "--no-verify"]) == 0
+    assert "1 node(s) of custom domains passed through unchanged (foo:Bar)" in capsys.readouterr().out
+    bar = [n for n in onnx.load(out).graph.node if n.op_type == "Bar"]
+    assert len(bar) == 1 and bar[0].domain == "foo"

@@ -439,3 +439,29 @@ def test_string_outputs_are_compared_exactly():
     same = compute_metrics("s", ref, ref.copy())
     diff = compute_metrics("s", ref, np.array(["a", "x", "c"], dtype=object))
     assert same.exact == 1.0 and abs(diff.exact - 2 / 3) < 1e-9
+
+
+def test_a_tolerance_flag_replaces_its_own_criterion_and_keeps_its_family():
+    """--min-top1 0 used to replace the whole budget, leaving no criterion that applies to an output
+    that is not a classifier (a bit-identical result then failed); --min-cosine 0.5 silently dropped
+    the top-1 check."""
+    from onnxcompress.verify.tolerance import LOSSLESS, LOSSY, overridden
+
+    assert overridden(LOSSY, min_top1=0.0) == Tolerance(min_cosine=0.98, min_top1=0.0)
+    assert overridden(LOSSY, min_cosine=0.5) == Tolerance(min_cosine=0.5, min_top1=0.9)
+    assert overridden(LOSSY, atol=1e-3) == Tolerance(atol=1e-3)  # the bound alone
+    assert overridden(LOSSLESS, atol=1e-3) == Tolerance(atol=1e-3, rtol=LOSSLESS.rtol)
+    assert overridden(LOSSLESS, min_cosine=0.99) == Tolerance(min_cosine=0.99)
+    assert overridden(LOSSY) is LOSSY
+
+
+def test_min_top1_on_a_model_that_is_no_classifier_still_checks_the_cosine(tmp_path, capsys):
+    from onnxcompress.cli import main
+
+    import builders
+
+    m = builders.conv_bn()  # a feature map output: top-1 does not apply
+    onnx.save(m, tmp_path / "m.onnx")
+    assert main([str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"), "--fp16", "--min-top1", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "min_cosine=0.98 min_top1=0" in out and "PASSED" in out

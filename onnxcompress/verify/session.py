@@ -245,6 +245,9 @@ def _load_hint(message: str) -> str:
     lower = message.lower()
     if "external data" in lower or "external_data" in lower:
         return "keep the external data file next to the .onnx file (or pass base_dir); its location must stay inside that folder"
+    if "is not a registered function/op" in lower:
+        return ("a custom op that this onnxruntime has no kernel for: onnxcompress needs onnxruntime to run the "
+                "model to verify or calibrate it; use --no-verify and data-free techniques")
     if "not_implemented" in lower or "could not find an implementation" in lower:
         return "an op or type has no kernel in this onnxruntime build and provider; try another provider or a newer onnxruntime"
     if "opset" in lower:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from onnxcompress.errors import RecipeError, did_you_mean
 from onnxcompress.verify.metrics import OutputMetrics
 
-__all__ = ["Tolerance", "LOSSLESS", "LOSSY", "LOSSY_RANDOM", "quantized", "policy_for", "POLICIES"]
+__all__ = ["Tolerance", "LOSSLESS", "LOSSY", "LOSSY_RANDOM", "quantized", "policy_for", "POLICIES", "overridden"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +165,29 @@ def quantized(
 
 
 POLICIES = {"lossless": LOSSLESS, "lossy": LOSSY, "quantized": quantized()}
+
+
+_BOUND = ("atol", "rtol", "max_steps", "step")  # the elementwise bound
+_TASK = ("min_cosine", "min_top1")  # the task metrics
+
+
+def overridden(base: Tolerance, **given: float | None) -> Tolerance:
+    """``base`` with the criteria the user gave (``atol``, ``rtol``, ``min_cosine``, ``min_top1``;
+    None: not given) put in.
+
+    The criteria come in two families: the elementwise bound (atol, rtol; and the quantization-step
+    bound) and the task metrics (min_cosine, min_top1). A given value replaces its own field and
+    keeps the rest of its family — ``--min-top1 0`` on a lossy run keeps the 0.98 cosine, so an
+    output that is not a classifier is still checked. Values of one family alone replace the other
+    family — ``--min-cosine 0.99`` on a lossless run checks the cosine alone, ``--atol 1e-3`` on a
+    lossy run the bound alone."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return base
+    keep = _BOUND if any(k in _BOUND for k in given) else ()
+    keep += _TASK if any(k in _TASK for k in given) else ()
+    fields = {k: getattr(base, k) for k in keep} | given
+    return Tolerance(**fields)
 
 
 def policy_for(kind: str) -> Tolerance:
