@@ -70,7 +70,7 @@ def test_parity_failure_exit_1_and_loose_tolerance_flags(models, tmp_path):
     assert "hint: the inputs were seeded random values" in result.stderr
     result = run_tool(models["ref"], models["off"], "--inputs", _npz(tmp_path), "--min-cosine", "0.99999", cwd=tmp_path)
     assert result.returncode == 1 and "hint:" not in result.stderr  # the user chose both: nothing to suggest
-    # any tolerance flag replaces LOSSLESS entirely: a bias shift keeps the argmax and most of the direction
+    # task-metric flags replace LOSSLESS's bound: a bias shift keeps the argmax and most of the direction
     result = run_tool(models["ref"], models["off"], "--min-top1", "0.5", "--inputs", _npz(tmp_path), "-q", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().startswith("parity PASSED")

@@ -452,16 +452,22 @@ def test_a_tolerance_flag_replaces_its_own_criterion_and_keeps_its_family():
     assert overridden(LOSSY, atol=1e-3) == Tolerance(atol=1e-3)  # the bound alone
     assert overridden(LOSSLESS, atol=1e-3) == Tolerance(atol=1e-3, rtol=LOSSLESS.rtol)
     assert overridden(LOSSLESS, min_cosine=0.99) == Tolerance(min_cosine=0.99)
+    assert overridden(LOSSLESS, max_steps=2.0) == Tolerance(max_steps=2.0)  # the step bound alone
     assert overridden(LOSSY) is LOSSY
 
 
 def test_min_top1_on_a_model_that_is_no_classifier_still_checks_the_cosine(tmp_path, capsys):
+    """A lossy run (fp16) of a model whose output is a feature map [N, C, H, W], where top-1 does not
+    apply: --min-top1 0 keeps the policy's cosine, so the output is still checked (and passes)."""
+    from onnx import TensorProto, helper
+
     from onnxcompress.cli import main
 
-    import builders
-
-    m = builders.conv_bn()  # a feature map output: top-1 does not apply
-    onnx.save(m, tmp_path / "m.onnx")
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
     assert main([str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"), "--fp16", "--min-top1", "0"]) == 0
     out = capsys.readouterr().out
     assert "min_cosine=0.98 min_top1=0" in out and "PASSED" in out

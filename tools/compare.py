@@ -7,7 +7,10 @@
 
 The reference is REF on the CPU provider with graph optimizations off; CAND runs on each provider
 with default optimizations. Without tolerance flags the LOSSLESS policy applies
-(``max|r - c| ≤ 1e-5 + 1e-4 · max|r|``); with any of them, exactly the criteria given. A failure
+(``max|r - c| ≤ 1e-5 + 1e-4 · max|r|``); a flag replaces its own criterion of it, as in
+``onnxcompress`` (``onnxcompress.verify.tolerance.overridden``): ``--min-cosine``/``--min-top1``
+check the task metrics instead of the bound, ``--max-steps`` the quantization-step bound, ``--atol``
+or ``--rtol`` one side of the bound. A failure
 under that default budget, or on seeded random inputs, ends with a hint on stderr (a lossy budget;
 ``--inputs`` with data like the model's own).
 
@@ -33,6 +36,7 @@ except ImportError:  # a checkout without installation
 from onnxcompress.data import parse_shape_args  # noqa: E402
 from onnxcompress.errors import OnnxCompressError  # noqa: E402
 from onnxcompress.verify import LOSSLESS, Tolerance, compare_models  # noqa: E402
+from onnxcompress.verify.tolerance import overridden  # noqa: E402
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 4
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _tolerance(args: argparse.Namespace) -> Tolerance:
     given = {name: getattr(args, name) for name in _TOLERANCE_FLAGS if getattr(args, name) is not None}
-    return Tolerance(**given) if given else LOSSLESS
+    return overridden(LOSSLESS, **given)
 
 
 def _check_paths(args: argparse.Namespace) -> None:

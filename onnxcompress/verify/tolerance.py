@@ -167,26 +167,28 @@ def quantized(
 POLICIES = {"lossless": LOSSLESS, "lossy": LOSSY, "quantized": quantized()}
 
 
-_BOUND = ("atol", "rtol", "max_steps", "step")  # the elementwise bound
-_TASK = ("min_cosine", "min_top1")  # the task metrics
+_FAMILIES = (("atol", "rtol"), ("max_steps", "step"), ("min_cosine", "min_top1"))  # bound, steps, task
 
 
 def overridden(base: Tolerance, **given: float | None) -> Tolerance:
-    """``base`` with the criteria the user gave (``atol``, ``rtol``, ``min_cosine``, ``min_top1``;
-    None: not given) put in.
+    """``base`` with the criteria the user gave (``atol``, ``rtol``, ``max_steps``, ``step``,
+    ``min_cosine``, ``min_top1``; None: not given) put in.
 
-    The criteria come in two families: the elementwise bound (atol, rtol; and the quantization-step
-    bound) and the task metrics (min_cosine, min_top1). A given value replaces its own field and
-    keeps the rest of its family — ``--min-top1 0`` on a lossy run keeps the 0.98 cosine, so an
-    output that is not a classifier is still checked. Values of one family alone replace the other
-    family — ``--min-cosine 0.99`` on a lossless run checks the cosine alone, ``--atol 1e-3`` on a
-    lossy run the bound alone."""
+    Criteria come in three families: the elementwise bound (atol, rtol), the quantization-step
+    bound (max_steps, step) and the task metrics (min_cosine, min_top1). A given value replaces its
+    own field and keeps the rest of its family; the families none of whose values were given are
+    dropped — ``--min-cosine 0.99`` on a lossless run checks the cosine alone, ``--atol 1e-3`` on a
+    lossy run the bound alone, ``--min-top1 0`` on a lossy run keeps its 0.98 cosine. On a lossless
+    run ``--min-top1`` alone is the whole budget: it applies to classifier outputs only, and any
+    other output then fails as unchecked (see the module docstring), never passes unchecked.
+    """
     given = {k: v for k, v in given.items() if v is not None}
     if not given:
         return base
-    keep = _BOUND if any(k in _BOUND for k in given) else ()
-    keep += _TASK if any(k in _TASK for k in given) else ()
-    fields = {k: getattr(base, k) for k in keep} | given
+    fields: dict[str, float | None] = {}
+    for family in _FAMILIES:
+        if any(k in given for k in family):
+            fields.update({k: given.get(k, getattr(base, k)) for k in family})
     return Tolerance(**fields)
 
 
