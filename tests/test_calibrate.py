@@ -235,3 +235,33 @@ def test_cache_of_another_model_is_not_reused(tmp_path):
     fresh = compress(m2, Recipe(steps=(QuantizeInt8Config(mode="static"),)), data=data)
     x = {"x": rng.standard_normal((8, 16)).astype(np.float32)}
     np.testing.assert_array_equal(builders.run(res.model, x)[0], builders.run(fresh.model, x)[0])
+
+
+def test_cache_fingerprint_reads_weights_held_in_external_data(tmp_path):
+    """Two checkpoints saved with the same external-data layout differ only in the data file's bytes:
+    the fingerprint streams those bytes, so the second does not reuse the first's ranges."""
+    from onnxcompress.quantize.calibrate import model_fingerprint
+
+    def saved(model, folder):
+        folder.mkdir()
+        onnx.save(model, folder / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="m.data", size_threshold=0)
+        return folder / "m.onnx"
+
+    m1 = builders.mlp((16, 12, 8), seed=0)
+    m2 = onnx.ModelProto()
+    m2.CopyFrom(m1)
+    for t in m2.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 3, t.name))
+    p1, p2 = saved(m1, tmp_path / "a"), saved(m2, tmp_path / "b")
+    protos = [onnx.load(p, load_external_data=False) for p in (p1, p2)]
+    assert protos[0].graph.initializer[0].data_location == onnx.TensorProto.EXTERNAL
+    assert model_fingerprint(protos[0], p1.parent) != model_fingerprint(protos[1], p2.parent)
+    assert model_fingerprint(protos[0], p1.parent) == model_fingerprint(onnx.load(p1, load_external_data=False),
+                                                                         p1.parent)
+    cache = tmp_path / "ranges.json"
+    cfg = QuantizeInt8Config(mode="static", calib_cache=str(cache))
+    data = [{"x": np.random.default_rng(2).standard_normal((32, 16)).astype(np.float32)}]
+    compress(str(p1), Recipe(steps=(cfg,)), data=data)
+    with pytest.raises(CalibrationError, match="was made for another model"):
+        compress(str(p2), Recipe(steps=(cfg,)))

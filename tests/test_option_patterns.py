@@ -76,3 +76,24 @@ def test_names_with_glob_characters_select_themselves():
     out, ref = b.run(res.model, {"x": x})[0], b.run(m, {"x": x})[0]
     cos = float(np.sum(out * ref) / np.linalg.norm(out) / np.linalg.norm(ref))
     assert cos > 0.99
+
+
+def test_exclude_lists_of_the_structured_passes_take_globs_and_report_non_layers():
+    """prune_channels / merge_neurons matched ``exclude`` by exact name while the note matched globs,
+    so 'MatMul_*' drew no note and excluded nothing; a node that writes no prunable group (Relu_0)
+    drew no note either. Both now match globs against the layers they can act on."""
+    m = b.mlp(sizes=(64, 128, 10))
+    for cfg in (PruneChannelsConfig(ratio=0.5, exclude=("MatMul_*",)), MergeNeuronsConfig(ratio=0.5, exclude=("MatMul_*",))):
+        res = _compress(m, cfg)
+        assert sum(int(np.prod(t.dims)) for t in res.model.graph.initializer) == \
+            sum(int(np.prod(t.dims)) for t in m.graph.initializer)  # every layer excluded: nothing removed
+        assert not [n for n in res.report.notes if "selects nothing" in n]
+    for cfg in (PruneChannelsConfig(ratio=0.5, exclude=("Relu_0",)), MergeNeuronsConfig(ratio=0.5, exclude=("Relu_0",))):
+        assert [n for n in _notes(m, cfg) if "exclude 'Relu_0' matches no layer" in n]
+
+
+def test_sparsify_overrides_are_checked_against_what_they_can_select():
+    """A graph input (x) or a node without a weight (Relu_0) is a name of the model but selects no
+    weight to sparsify: reported too."""
+    notes = _notes(b.mlp(sizes=(64, 128, 10)), SparsifyConfig(ratio=0.5, overrides=("x=skip", "Relu_0=skip")))
+    assert [n for n in notes if "--prune-override 'x', 'Relu_0' match no weight that could be sparsified" in n]

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.graph.query import consumers, producer
+from onnxcompress.graph.query import consumers, name_matches, producer
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.prune.channels import group_skip_reason, keep_count
 from onnxcompress.prune.dependency import Group, Param, ParamWriter, apply_keep, build_dependency_graph, eval_const
@@ -68,7 +68,13 @@ class MergeNeuronsConfig(StepConfig):
                           flag="--merge-neurons", minimum=0.0, maximum=0.99, metavar="R")
     scaled: bool = option(True, "through positively homogeneous chains (Relu, pools), also merge neurons that "
                                 "are positive multiples of each other (cluster by direction)")
-    exclude: tuple[str, ...] = option((), "layer (node) names whose neurons are left alone")
+    exclude: tuple[str, ...] = option((), "layer (node) names or fnmatch patterns whose neurons are "
+                                           "left alone")
+
+
+def _layer(group: Group) -> str:
+    """The layer whose neurons form ``group``: what ``exclude`` names."""
+    return next((p.node.name for p in group.params if p.role == "out"), group.name)
 
 
 def _rows(value: np.ndarray, axis: int) -> np.ndarray:
@@ -169,16 +175,17 @@ class MergeNeuronsPass(Pass):
     def run(self, graph: gs.Graph, ctx) -> PassResult:
         res = PassResult()
         cfg = self.config
-        self.note_unmatched(ctx, graph, "exclude")
         dg = build_dependency_graph(graph, ctx.model_of(graph))
+        self.note_unmatched(ctx, graph, "exclude", names=[_layer(g) for g in dg.groups if g.prunable or g.blocked],
+                            what="layer whose neurons could merge")
         writer = ParamWriter(graph)
         plan = []
         for group in dg.groups:
             if not group.prunable and not group.blocked:
                 continue
             reason = merge_check(group)
-            layer = next((p.node.name for p in group.params if p.role == "out"), group.name)
-            if reason is None and layer in cfg.exclude:
+            layer = _layer(group)
+            if reason is None and any(name_matches(layer, pat) for pat in cfg.exclude):
                 reason = "excluded by the recipe"
             if reason is not None:
                 res.skip(layer, "merge_neurons", reason)

@@ -527,6 +527,21 @@ def _read_external(t: onnx.TensorProto, base_dir: Path | None) -> bytes:
     return data
 
 
+def hash_external(t: onnx.TensorProto, base_dir: Path | None, digest, chunk: int = 1 << 20) -> None:
+    """Feed the bytes of external tensor ``t`` to ``digest`` (a hashlib object), ``chunk`` at a time
+    (a multi-GB weight is never held whole). Its path was checked when the model was opened."""
+    info = _external_info(t)
+    left = int(info["length"]) if "length" in info else _expected_nbytes(t)
+    with open(external_path(t, base_dir), "rb") as f:
+        f.seek(int(info.get("offset", 0) or 0))
+        while left > 0:
+            data = f.read(min(chunk, left))
+            if not data:
+                break
+            digest.update(data)
+            left -= len(data)
+
+
 def _inline_external(model: onnx.ModelProto, base_dir: Path | None) -> None:
     for t, _ in iter_tensor_protos(model.graph):
         if _is_external(t):

@@ -56,7 +56,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.errors import PreconditionError, RecipeError
 from onnxcompress.passes.base import Pass, PassResult, cleanup_graph
-from onnxcompress.graph.query import consumers
+from onnxcompress.graph.query import consumers, name_matches
 from onnxcompress.prune.dependency import (
     DependencyGraph,
     Group,
@@ -106,8 +106,8 @@ class PruneChannelsConfig(StepConfig):
     bias_correction: bool = option(False, "with calibration data, add the mean contribution of the removed "
                                           "channels to the next layers' biases", flag="--prune-bias-correction")
     calib_batches: int = option(8, "calibration batches read for activation importance", minimum=1)
-    exclude: tuple[str, ...] = option((), "layer (node) names whose output channels are left alone, "
-                                           "with every layer coupled to them")
+    exclude: tuple[str, ...] = option((), "layer (node) names or fnmatch patterns whose output "
+                                           "channels are left alone, with every layer coupled to them")
     overrides: tuple[str, ...] = option((), "per-group settings PATTERN=VALUE: PATTERN matches a layer that writes "
                                             "the group's channels (node or weight name), VALUE is skip or that "
                                             "group's ratio; first match wins",
@@ -224,9 +224,10 @@ class PruneChannelsPass(Pass):
     def run(self, graph: gs.Graph, ctx) -> PassResult:
         res = PassResult()
         cfg = self.config
-        self.note_unmatched(ctx, graph, "exclude")
         model = ctx.model_of(graph)
         dg = build_dependency_graph(graph, model)
+        self.note_unmatched(ctx, graph, "exclude", names=[n for g in dg.groups if g.prunable for n in _layers(g)],
+                            what="layer writing a prunable group's channels")
         before = model_cost(model, dg.dims)
         method, activations = self._importance(dg, model, ctx)
         writer = ParamWriter(graph)
@@ -299,9 +300,9 @@ class PruneChannelsPass(Pass):
             return group_skip_reason(group)
         if not group.prunable:
             return ""
-        excluded = set(self.config.exclude).intersection(p.node.name for p in group.params if p.role in ("out", "dw"))
+        excluded = sorted({pat for pat in self.config.exclude for n in _layers(group) if name_matches(n, pat)})
         if excluded:
-            return f"excluded by the recipe ({', '.join(sorted(excluded))})"
+            return f"excluded by the recipe ({', '.join(excluded)})"
         return None
 
     def _importance(self, dg: DependencyGraph, model, ctx) -> tuple[str, dict[str, ChannelStats] | None]:
@@ -324,6 +325,11 @@ class PruneChannelsPass(Pass):
             return cfg.importance, {}
         return cfg.importance, activation_means(model, targets, feeds, max_batches=cfg.calib_batches,
                                                     base_dir=ctx.base_dir)
+
+
+def _layers(group: Group) -> list[str]:
+    """The layers (nodes) that write ``group``'s channels: what ``exclude`` names."""
+    return [p.node.name for p in group.params if p.role in ("out", "dw") and p.node.name]
 
 
 def writer_names(group: Group) -> list[str]:

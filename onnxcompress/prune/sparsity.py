@@ -242,12 +242,12 @@ class SparsifyPass(Pass):
         res = PassResult()
         cfg: SparsifyConfig = self.config
         overrides = cfg.parsed_overrides()
-        self.note_unmatched(ctx, graph, "overrides", [o.pattern for o in overrides], tensors=True)
         if cfg.rule is None and cfg.nm is None:
             res.skip("*", "sparsify", "no rule given (ratio, keep_top, threshold or nm): nothing to prune")
             return res
         layers: list[_Layer] = []
         left_alone: dict[str, int] = {}
+        selectable: list[str] = []  # what an override can name: a sparsified weight or its layers
         for ref in iter_weights(graph, float_only=True):
             uses = [weight_role(c, i, len(ref.shape)) for c in ref.consumers
                     for i, t in enumerate(c.inputs) if t is ref.tensor]
@@ -261,11 +261,14 @@ class SparsifyPass(Pass):
                 res.skip(ref.name, "sparsify", reason)
                 continue
             names = [ref.name] + [u.node for u in uses]
+            selectable += names
             override = next((o for o in overrides if o.matches(names)), None)
             if override is not None and override.skip:
                 res.skip(ref.name, "sparsify", f"override {override.pattern!r} says skip")
                 continue
             layers.append(_Layer(ref, uses, override))
+        self.note_unmatched(ctx, graph, "overrides", [o.pattern for o in overrides], names=selectable,
+                            what="weight that could be sparsified or layer reading one")
         zero, rules = self._magnitude_masks(layers, cfg, res)
         rows: dict[str, dict] = {}
         for layer in layers:

@@ -31,8 +31,11 @@ Ranges from the statistics (``[lo, hi]``, always widened to contain 0 later by t
   ``sum_bins n_b (DQ(Q(c_b)) - c_b)^2`` over the histogram's bin centres ``c_b``: clipping when
   ``r < 1``; ``r`` a little above 1 can align a grid of values (pixel / 16) with the integer grid.
 
-``--calib-cache FILE`` stores the ranges as JSON (``{"version": 1, "method": ..., "ranges": {name: [lo,
-hi]}}``) and reuses them when every tensor the plan needs is in the file and the method matches.
+``--calib-cache FILE`` stores the ranges as JSON (``{"version": 1, "method": ..., "settings": {...,
+"model": fingerprint}, "ranges": {name: [lo, hi]}}``) and reuses them when the method, the settings
+that decide a range (percentile, bins, levels) and the fingerprint of the calibrated model
+(:func:`model_fingerprint`: graph and weights) match and every tensor the plan needs is in the
+file. The calibration data is not fingerprinted: a cache made on other data is reused.
 """
 
 from __future__ import annotations
@@ -306,10 +309,13 @@ class Calibrator:
             return None
         data = load_cache(self.cache)
         settings = dict(data.get("settings") or {})
+        fingerprinted = "model" in settings
         model = settings.pop("model", None)
         r = data["ranges"]
         if data.get("method") != self.method:
             self.rejected = f"was made by the {data.get('method')} method"
+        elif not fingerprinted:
+            self.rejected = "was made by an earlier onnxcompress, without the model's fingerprint"
         elif model != self.model:
             self.rejected = "was made for another model (or other weights)"
         elif settings != {k: v for k, v in self.settings().items() if k != "model"}:
@@ -332,14 +338,20 @@ class Calibrator:
             save_cache(self.cache, self.method, ranges, self.settings())
 
 
-def model_fingerprint(model: onnx.ModelProto) -> str:
+def model_fingerprint(model: onnx.ModelProto, base_dir=None) -> str:
     """A short hash of what decides a model's activations: its nodes (attributes, subgraphs and
-    ``Constant`` values included), initializers, inputs and outputs. Read tensor by tensor, so no
-    second copy of the model is made; weights held in external data count by their location."""
+    ``Constant`` values included), initializers, inputs and outputs, and the bytes of weights held
+    in external data (read from ``base_dir`` a chunk at a time). Read part by part, so no second
+    copy of the model is made."""
+    from onnxcompress.graph.io import hash_external, iter_tensor_protos
+
     h = hashlib.sha256()
     g = model.graph
     for part in (*g.input, *g.output, *g.node, *g.initializer, *g.sparse_initializer):
         h.update(part.SerializeToString())
+    for t, _ in iter_tensor_protos(g):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            hash_external(t, base_dir, h)
     return h.hexdigest()[:16]
 
 

@@ -426,13 +426,14 @@ class QuantizeInt8Pass(Pass):
             scale, raised = bias_safe_weight_scale(p.scale, const_value(node.inputs[2]), xs)
             p = dataclasses.replace(p, scale=scale)
         base = w_t.name
-        key = (id(w_t), axis, wqt.name, np.asarray(p.scale).tobytes())  # a raised scale is another int8 copy
-        shared = len(consumers(w_t)) > 1
+        key = (id(w_t), axis, wqt.name) + ((np.asarray(p.scale).tobytes(),) if raised else ())
+        readers = len(consumers(w_t))
         y = qb.weight(key, w, p, base)
         node.inputs[1] = y
         info = {"name": base, "type": wqt.name, "axis": axis, "scales": int(np.asarray(p.scale).size)}
-        if shared:
-            info["shared"] = "the float weight stays for its other readers" if consumers(w_t) else "one int8 copy"
+        if readers > 1:  # the float weight goes only when no reader is left with it (cleanup decides)
+            info["shared"] = (f"read by {readers} nodes; this one has its own int8 copy (its bias needed larger "
+                              "weight scales)" if raised else f"read by {readers} nodes; one int8 copy per axis and type")
 
         if has_bias:
             b_t = node.inputs[2]
@@ -451,7 +452,7 @@ class QuantizeInt8Pass(Pass):
         levels = qtype(cfg.activation_type).qmax - qtype(cfg.activation_type).qmin
         cal = Calibrator(cfg.calib_method, percentile=cfg.percentile, num_bins=cfg.num_bins, levels=levels,
                          cache=cfg.calib_cache,
-                         model=model_fingerprint(model) if cfg.calib_cache and model is not None else None)
+                         model=model_fingerprint(model, base_dir) if cfg.calib_cache and model is not None else None)
         ranges = cal.cached(needed)
         if ranges is not None:
             plan.notes.append(f"ranges from the calibration cache {cfg.calib_cache}")
@@ -459,7 +460,7 @@ class QuantizeInt8Pass(Pass):
         if ctx is None or getattr(ctx, "data", None) is None:
             found = cal.rejected or "does not exist"
             raise CalibrationError(f"the calibration cache {cfg.calib_cache} {found}, and no calibration data was "
-                                   "given", where="quantize_int8", hint="pass --calib-data to recalibrate")
+                                   "given", where="calibration", hint="pass --calib-data to recalibrate")
         if cal.rejected:
             ctx.note(f"int8: the calibration cache {cfg.calib_cache} {cal.rejected}: recalibrated, and the cache "
                      "rewritten")
