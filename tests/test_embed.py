@@ -114,6 +114,19 @@ def test_declines_tied_axis_constant_indices_and_small():
     assert not res.modified
 
 
+def test_declines_a_table_another_gather_reads_with_constant_indices():
+    """A fixed lookup (a BOS row: Gather(E, 7)) beside the token lookup: the constant-index Gather
+    declines, so quantizing the table for the other one used to keep the float table for it and
+    add the 4-bit copy — a 'compressed' file 1.17x larger."""
+    table = _table(v=1000)
+    bos = helper.make_node("Gather", ["E", "bos"], ["b"], name="bos_embed")
+    m = _embedding_model(table, extra_nodes=[bos])
+    m.graph.initializer.append(numpy_helper.from_array(np.array([7, 7], np.int64), "bos"))
+    out, res = apply_pass(m, QuantizeEmbeddingPass(QuantizeEmbeddingConfig()))
+    assert not res.modified and op_counts(out) == op_counts(m)
+    assert any("also read by Gather 'bos_embed'" in r and "add a copy" in r for r in skip_reasons(res))
+
+
 @pytest.mark.parametrize("variant", ["constant_nodes", "if_subgraph"])
 def test_tables_in_constant_nodes_and_if_subgraphs(variant):
     table = _table()

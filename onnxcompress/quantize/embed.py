@@ -166,6 +166,13 @@ class QuantizeEmbeddingPass(Pass):
                 tables.setdefault(id(node.inputs[0]), (node.inputs[0], g, []))[2].append(node)
             elif reason:
                 res.skip(node.name or node.op, "embedding", reason)
+        for key, (data, g, gathers) in list(tables.items()):
+            left = [c for c in data.outputs if all(c is not n for n in gathers)]
+            if left:  # a reader left on the float table would keep it: the file would grow by the copy
+                for n in gathers:
+                    res.skip(n.name or n.op, "embedding", f"the table is also read by {left[0].op} {left[0].name!r}, "
+                             "which stays float: quantizing would add a copy and keep the float table")
+                del tables[key]
         held = sum(weight_ref(data, g).size for data, g, _ in tables.values())
         small = held <= cfg.first_max_share * (held + layer_weight_elements(graph))
         bits = cfg.first_bits if small else cfg.bits
