@@ -69,17 +69,18 @@ class Context:
 
         A file or folder is read afresh, batched for ``model``; any other data (a reader, an iterator,
         a list) is one object read by every pass, so every call wraps the same source: a reader with
-        ``rewind()`` is rewound for each pass that reads it, and a one-shot iterator raises
-        :class:`~onnxcompress.data.FeedsUsedUp` when read again (not an empty source)."""
+        ``rewind()`` is rewound for each pass that reads it, and a one-shot iterator (a generator, a
+        reader without ``rewind()``) is spooled to the run's scratch folder as it is first read
+        (:func:`~onnxcompress.data.spooled`), so every pass and the verification read the same feeds."""
         if self.data is None:
             return None
-        from onnxcompress.data import as_feed_source, checked_source
+        from onnxcompress.data import as_feed_source, checked_source, spooled
 
         if isinstance(self.data, (str, os.PathLike)):
             source = as_feed_source(self.data, model=model, batch_size=batch_size)
         else:  # batch_size and model only shape how a file is cut into batches
-            if self._source is None:
-                self._source = as_feed_source(self.data)
+            if self._source is None:  # a one-shot source is spooled to disk as first read, for every pass
+                self._source = spooled(as_feed_source(self.data), self.scratch_dir() / "feeds")
             source = self._source
         return checked_source(source, model) if model is not None else source
 

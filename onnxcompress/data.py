@@ -28,6 +28,7 @@ Random values, per input (``rng = numpy.random.default_rng(seed)``, inputs drawn
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper
@@ -378,7 +380,7 @@ def random_feeds(
         elif spec.is_float:
             value = rng.standard_normal(shape, dtype=np.float32).astype(spec.dtype)
         elif spec.dtype.kind == "b":
-            value = rng.random(shape) < 0.5
+            value = np.asarray(rng.random(shape) < 0.5)  # a 0-d draw is a numpy scalar
         elif spec.dtype.kind in "iu":
             high = min(highs.get(spec.name, DEFAULT_INT_HIGH), int(np.iinfo(spec.dtype).max) + 1)
             value = rng.integers(0, high, size=shape, dtype=np.int64).astype(spec.dtype)
@@ -534,6 +536,63 @@ def as_feed_source(
         where="feeds",
         hint="pass a dict, a list of dicts, an .npz file, a folder of .npz files or a CalibrationDataReader",
     )
+
+
+def spooled(source: FeedSource, folder: Path) -> FeedSource:
+    """A re-readable version of a one-shot ``source`` (a generator, a reader without ``rewind()``).
+
+    Each feed is written to ``folder`` (one ``.npz`` per feed) as it is first read; every later read
+    gets the written feeds back from disk, then goes on pulling from ``source`` where the first read
+    stopped. So a run whose passes each read the data (SmoothQuant, calibration, verification) works
+    on a generator, and memory holds one feed at a time. A re-readable source is returned as is."""
+    if not source._one_shot:
+        return source
+    files: list[tuple[str, Path]] = []
+    state: dict[str, Any] = {"it": None, "done": False}
+
+    def make() -> Iterator[tuple[str, Feed]]:
+        i = 0
+        while True:
+            if i < len(files):
+                label, path = files[i]
+                yield label, _read_spooled(path)
+            elif state["done"]:
+                return
+            else:
+                if state["it"] is None:
+                    state["it"] = source.labeled()
+                try:
+                    label, feed = next(state["it"])
+                except StopIteration:
+                    state["done"] = True
+                    return
+                path = folder / f"feed{len(files):06d}.npz"
+                _write_spooled(path, feed)
+                files.append((label, path))
+                yield label, feed
+            i += 1
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return FeedSource(make, description=source.description, length=source.length)
+
+
+def _write_spooled(path: Path, feed: Feed) -> None:
+    """``np.savez`` of ``feed``; ml_dtypes arrays (bfloat16, float8) as their bits plus their dtype name."""
+    arrays, kinds = {}, {}
+    for k, v in feed.items():
+        v = np.asarray(v)
+        if v.dtype.kind == "V":
+            kinds[k] = str(v.dtype)
+            v = v.view(f"u{v.dtype.itemsize}")
+        arrays[k] = v
+    np.savez(path, **arrays, **({"__dtypes__": np.array(json.dumps(kinds))} if kinds else {}))
+
+
+def _read_spooled(path: Path) -> Feed:
+    with np.load(path, allow_pickle=False) as z:
+        kinds = json.loads(str(z["__dtypes__"])) if "__dtypes__" in z.files else {}
+        return {k: (z[k].view(getattr(ml_dtypes, kinds[k])) if k in kinds else z[k])
+                for k in z.files if k != "__dtypes__"}
 
 
 def checked_source(source: FeedSource, model: onnx.ModelProto | str | os.PathLike | bytes) -> FeedSource:

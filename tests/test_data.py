@@ -154,6 +154,22 @@ def test_random_feeds_float_bool_and_dtypes():
     assert x.shape == (5, 32) and abs(float(x.mean())) < 0.5 and 0.6 < float(x.std()) < 1.4
 
 
+def test_random_feeds_for_scalar_inputs_are_arrays_the_feed_check_accepts():
+    """A rank-0 bool input (a flag) got a numpy scalar, which validate_feed then refused: every run
+    without data failed with exit 2."""
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (bool flag, float s, int64 i, float[N, 4] x) => (float[N, 4] y) {
+          y = Identity(x)
+        }
+        """
+    )
+    feed = random_feeds(model, seed=0)
+    assert all(isinstance(v, np.ndarray) and v.shape == () for k, v in feed.items() if k != "x")
+    validate_feed(input_specs(model), feed, where="random feed")
+
+
 # ------------------------------------------------------------------------------------------ sources
 
 
@@ -339,3 +355,33 @@ def test_validate_keeps_float64_values_beyond_float32_range_and_checks_bfloat16(
     half = [InputSpec("x", np.dtype(ml_dtypes.bfloat16), (None, 2))]
     with pytest.raises(CalibrationError, match="1 NaN/Inf value of 2"):
         validate_feed(half, {"x": np.array([[1.0, np.inf]], ml_dtypes.bfloat16)}, where="f")
+
+
+def test_a_one_shot_source_spooled_reads_the_same_feeds_every_time(tmp_path):
+    """Two readers at once, a reader that stops early, exotic dtypes: every read gets every feed."""
+    import ml_dtypes
+
+    from onnxcompress.data import spooled
+
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((2, 3)).astype(np.float32),
+              "h": rng.standard_normal((2,)).astype(ml_dtypes.bfloat16)} for _ in range(4)]
+    pulled = []
+
+    def gen():
+        for f in feeds:
+            pulled.append(1)
+            yield f
+
+    src = spooled(as_feed_source(gen()), tmp_path / "spool")
+    first = iter(src)
+    next(first)  # a pass that stops after one feed
+    a, b = list(src), list(src)
+    assert len(pulled) == 4 and len(a) == len(b) == 4
+    for got in (a, b):
+        for f, g in zip(feeds, got):
+            assert g["h"].dtype == ml_dtypes.bfloat16 and np.array_equal(f["h"], g["h"])
+            assert np.array_equal(f["x"], g["x"])
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [f"feed{i:06d}.npz" for i in range(4)]
+    lst = as_feed_source([feeds[0]])
+    assert spooled(lst, tmp_path / "unused") is lst  # re-readable: as is

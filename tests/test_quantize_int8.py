@@ -396,13 +396,12 @@ def test_transformer_sensitive_ops_stay_float():
 def test_smoothquant_is_exact_before_rounding_and_helps_outliers():
     from onnxcompress.graph.io import graph_to_model, model_to_graph, open_model
     from onnxcompress.graph.naming import Namer
-    from onnxcompress.quantize.smoothquant import apply_smoothing, smooth_check
+    from onnxcompress.quantize.smoothquant import apply_smoothing, smooth_candidates, smooth_check
 
     m = _tiny_encoder()
     g = model_to_graph(open_model(m))
-    ln = next(n for n in g.nodes if n.op == "LayerNormalization")
+    ln, ln2 = smooth_candidates(g)
     assert smooth_check(ln, g) is None
-    ln2 = [n for n in g.nodes if n.op == "LayerNormalization"][1]
     assert smooth_check(ln2, g) is None
     chan = np.linspace(0.5, 30.0, 16)
     apply_smoothing(ln, g, Namer.for_graph(g), chan, 0.5)
@@ -417,17 +416,77 @@ def test_smoothquant_is_exact_before_rounding_and_helps_outliers():
     assert e_smooth < e_plain, (e_smooth, e_plain)
 
 
+def _decomposed_ln_encoder(d=16) -> onnx.ModelProto:
+    """_tiny_encoder's first LayerNorm as exporters below opset 17 write it (ReduceMean ... Div, Mul, Add)."""
+    m = _tiny_encoder(d=d)
+    ln = next(n for n in m.graph.node if n.op_type == "LayerNormalization")
+    x, g1, b1 = ln.input
+    y = ln.output[0]
+    parts = onnx.parser.parse_graph(f"""
+    dec (float[N, 4, {d}] {x}, float[{d}] {g1}, float[{d}] {b1}) => (float[N, 4, {d}] {y}) {{
+        mu = ReduceMean <axes = [-1]> ({x})
+        c = Sub ({x}, mu)
+        two = Constant <value = float {{2.0}}> ()
+        sq = Pow (c, two)
+        var = ReduceMean <axes = [-1]> (sq)
+        eps = Constant <value = float {{1e-5}}> ()
+        ve = Add (var, eps)
+        sd = Sqrt (ve)
+        nrm = Div (c, sd)
+        sc = Mul (nrm, {g1})
+        {y} = Add (sc, {b1})
+    }}""")
+    i = list(m.graph.node).index(ln)
+    nodes = list(m.graph.node[:i]) + list(parts.node) + list(m.graph.node[i + 1:])
+    for n in parts.node:
+        n.name = n.output[0]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    m.opset_import[0].version = 17
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_smoothquant_folds_into_a_decomposed_layernorm():
+    """Exporters below opset 17 write LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add: --smoothquant
+    used to change nothing there, without a word. It now folds 1/s into the Mul's scale and the Add's
+    bias, exact before rounding, with the same scales as on the LayerNormalization op."""
+    from onnxcompress.graph.io import graph_to_model, model_to_graph, open_model
+    from onnxcompress.graph.naming import Namer
+    from onnxcompress.quantize.smoothquant import apply_smoothing, smooth_candidates, smooth_check
+
+    m = _decomposed_ln_encoder()
+    g = model_to_graph(open_model(m))
+    norms = smooth_candidates(g)
+    assert [n.node.op for n in norms] == ["Div", "LayerNormalization"] and smooth_check(norms[0], g) is None
+    info = apply_smoothing(norms[0], g, Namer.for_graph(g), np.linspace(0.5, 30.0, 16), 0.5)
+    assert info["form"] == "folded"
+    x = _feeds(m, 16, seed=3)
+    assert builders.lossless_close(builders.run(m, x)[0], builders.run(graph_to_model(g, m), x)[0])
+    calib = [_feeds(m, 64, seed=1)]
+    smooth = compress(m, _recipe(mode="static", smoothquant=0.5), data=calib)
+    op_form = compress(_tiny_encoder(), _recipe(mode="static", smoothquant=0.5), data=calib)
+    notes = [n for n in _plan(smooth)["notes"] if n.startswith("smoothquant ")]
+    assert len(notes) == 2 and notes[0].split(": ")[1] == [n for n in _plan(op_form)["notes"]
+                                                            if n.startswith("smoothquant ")][0].split(": ")[1]
+
+
+def test_smoothquant_that_changes_nothing_says_so():
+    res = compress(_gemm_relu(), _recipe(mode="static", smoothquant=0.5), data=[_feeds(_gemm_relu(), 32)])
+    assert any("--smoothquant changed nothing: no normalization" in n for n in res.report.notes)
+
+
 def test_smoothquant_with_other_readers_inserts_a_mul_and_declines_shared_weights():
     from onnxcompress.graph.io import graph_to_model, model_to_graph, open_model
     from onnxcompress.graph.naming import Namer
-    from onnxcompress.quantize.smoothquant import apply_smoothing, smooth_check
+    from onnxcompress.quantize.smoothquant import apply_smoothing, smooth_candidates, smooth_check
 
     m = _tiny_encoder()
     # n1 also read by an Add (a residual stream): gamma must stay, a Mul feeds the MatMul branch
     m.graph.node.append(helper.make_node("Add", ["n1", "n1"], ["extra"], name="extra"))
     m.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
     g = model_to_graph(open_model(m))
-    ln = next(n for n in g.nodes if n.op == "LayerNormalization")
+    ln = smooth_candidates(g)[0]
     assert smooth_check(ln, g) is None
     info = apply_smoothing(ln, g, Namer.for_graph(g), np.linspace(0.5, 30.0, 16), 0.5)
     assert info["form"] == "mul"
@@ -440,7 +499,7 @@ def test_smoothquant_with_other_readers_inserts_a_mul_and_declines_shared_weight
     m2.graph.node.append(helper.make_node("MatMul", ["x", "w1"], ["other"], name="other"))
     m2.graph.output.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, None))
     g2 = model_to_graph(open_model(m2))
-    ln2 = next(n for n in g2.nodes if n.op == "LayerNormalization")
+    ln2 = smooth_candidates(g2)[0]
     assert "read only by it" in smooth_check(ln2, g2)
 
 

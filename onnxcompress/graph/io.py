@@ -574,7 +574,22 @@ def model_to_graph(src: ModelSource) -> gs.Graph:
                             and _is_external(v._values.tensor):
                         v._values = ExternalValues(v._values.tensor, src.base_dir)
                         v.data_location = None
+    _name_unnamed_nodes(graph)
     return graph
+
+
+def _name_unnamed_nodes(graph: gs.Graph) -> None:
+    """Give every node without a name (onnx.helper's default; some converters) a unique one from its
+    op type (``MatMul``, ``MatMul_1``, ...): every report line, skip and plan entry names a node, and
+    ``--exclude-nodes`` can select it. Deterministic (graph order), so a plan recorded on one export
+    replays on another."""
+    from onnxcompress.graph.naming import Namer
+
+    unnamed = [n for g in _all_graphs(graph) for n in g.nodes if not n.name]
+    if unnamed:
+        namer = Namer.for_graph(graph)
+        for n in unnamed:
+            n.name = namer.fresh(n.op)
 
 
 def _all_graphs(graph: gs.Graph) -> list[gs.Graph]:

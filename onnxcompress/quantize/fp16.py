@@ -73,6 +73,10 @@ HALF_OPS: dict[str, tuple[tuple[int, ...] | None, tuple[int, ...] | None]] = {
 _ANY_TYPE_READERS = {"Shape": (0,), "Size": (0,), "Cast": (0,)}
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
 
+#: ops that only move or select values: in half they compute nothing, they only round
+_MOVES = frozenset({"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Slice",
+                    "Gather", "GatherElements", "GatherND", "Concat", "Split", "Tile", "DepthToSpace",
+                    "SpaceToDepth"})
 _DEFAULT_KEEP = ("Exp", "Pow", "ReduceSum", "Range", "CumSum", "TopK", "NonMaxSuppression", "RoiAlign")
 _HALF = {"float16": (np.float16, onnx.TensorProto.FLOAT16, 65504.0),
          "bfloat16": (ml_dtypes.bfloat16, onnx.TensorProto.BFLOAT16, float(ml_dtypes.finfo(ml_dtypes.bfloat16).max))}
@@ -206,6 +210,24 @@ class ConvertFp16Pass(Pass):
                                 res.skip(c.name or c.op, "fp16", f"reads {out.name!r}, made from a weight out of "
                                          f"{cfg.dtype} range")
                                 kept[c.op] = kept.get(c.op, 0) + 1
+        # a node that only moves data computes nothing in half, it only rounds: it goes half only when
+        # connected (through other such nodes) to a node that computes in half, else it stays float32
+        # (an input passed through to an output, say, stays exact)
+        movers = {id(n): n for g in graphs for n in g.nodes if n.op in _MOVES and id(n) in st.half_nodes}
+        st.half_nodes -= set(movers)
+        grown = True
+        while grown:
+            grown = False
+            for key, node in list(movers.items()):
+                if any(t.inputs and id(t.inputs[0]) in st.half_nodes for t in node.inputs) or any(
+                        id(c) in st.half_nodes for o in node.outputs for c in o.outputs):
+                    st.half_nodes.add(key)
+                    del movers[key]
+                    grown = True
+        for node in movers.values():
+            res.skip(node.name or node.op, "fp16", f"only moves data between float32 ends: exact in float32, "
+                     f"rounded in {cfg.dtype}")
+            kept[node.op] = kept.get(node.op, 0) + 1
         # 2. retarget Cast(to=float32) nodes whose readers are all half
         retargeted = 0
         for g in graphs:

@@ -13,42 +13,97 @@ sets how much moves (0.5 in the paper). ``max|y_j|`` comes from calibration (per
 When other ops read ``y`` too (the residual stream of a post-norm transformer), ``gamma`` and ``beta``
 stay and a ``Mul(y, 1/s)`` feeds only the MatMul readers: one elementwise op, same equality.
 
-May I? The normalization is ``LayerNormalization`` with constant scale (and bias), normalizing the
-last axis; its output is no graph output; at least one reader is a MatMul (weight rank 2) or a Gemm
-(``transB`` handled) reading it as input 0 with a constant float32 weight that nobody else reads, and
-every MatMul/Gemm reader is such a one.
+May I? The normalization is ``LayerNormalization`` normalizing the last axis, or its decomposition
+as exporters below opset 17 write it (``... Div(x - mean, Sqrt(var + eps)) -> Mul(gamma) [-> Add(beta)]``,
+found from its tail: a Div by a Sqrt, then a Mul by a constant, then optionally an Add of a
+constant), with constant scale (and bias) varying along the last axis only; its output is no graph
+output; at least one reader is a MatMul (weight rank 2) or a Gemm (``transB`` handled) reading it as
+input 0 with a constant float32 weight that nobody else reads, and every MatMul/Gemm reader is such
+a one.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.graph.naming import Namer
-from onnxcompress.graph.query import const_value, consumers, is_constant, is_graph_io
+from onnxcompress.graph.query import const_value, consumers, is_constant, is_graph_io, producer
 from onnxcompress.graph.rewrite import replace_input
 from onnxcompress.quantize.params import contiguous
 
-__all__ = ["smooth_candidates", "smooth_check", "apply_smoothing"]
+__all__ = ["Norm", "smooth_candidates", "smooth_check", "apply_smoothing"]
 
 
-def smooth_candidates(graph: gs.Graph) -> list[gs.Node]:
-    return [n for n in graph.nodes if n.op == "LayerNormalization"]
+@dataclass
+class Norm:
+    """A normalization whose output ``y`` may be smoothed: the scale ``gamma`` and the bias ``beta``
+    are the constant inputs ``(node, slot)`` that make ``y`` (the bias may be absent)."""
+
+    name: str
+    y: gs.Tensor
+    gamma: tuple[gs.Node, int]
+    beta: tuple[gs.Node, int] | None
+    node: gs.Node  # the LayerNormalization, or the decomposition's Div (for the checks)
 
 
-def smooth_check(ln: gs.Node, graph: gs.Graph) -> str | None:
-    if len(ln.inputs) < 2 or not is_constant(ln.inputs[1]):
-        return "its scale is not a constant"
-    if len(ln.inputs) > 2 and ln.inputs[2].name and not is_constant(ln.inputs[2]):
-        return "its bias is not a constant"
-    if int(ln.attrs.get("axis", -1)) != -1:
-        return "it does not normalize the last axis only"
-    y = ln.outputs[0]
-    if is_graph_io(y, graph):
+def _const_slot(node: gs.Node, other: gs.Tensor) -> int | None:
+    """The slot of ``node``'s constant input beside ``other`` (a binary Mul/Add), else None."""
+    if len(node.inputs) != 2 or not any(t is other for t in node.inputs):
+        return None
+    slot = 1 if node.inputs[0] is other else 0
+    return slot if is_constant(node.inputs[slot]) else None
+
+
+def _decomposed(div: gs.Node) -> Norm | None:
+    """The decomposed LayerNorm ending at ``div`` (``x_centered / Sqrt(...)``), or None."""
+    den = producer(div.inputs[1]) if len(div.inputs) == 2 else None
+    if den is None or den.op != "Sqrt":
+        return None
+    readers = consumers(div.outputs[0])
+    if len(readers) != 1 or readers[0].op != "Mul" or _const_slot(readers[0], div.outputs[0]) is None:
+        return None
+    mul = readers[0]
+    gamma = (mul, _const_slot(mul, div.outputs[0]))
+    y, beta = mul.outputs[0], None
+    nxt = consumers(y)
+    if len(nxt) == 1 and nxt[0].op == "Add" and _const_slot(nxt[0], y) is not None:
+        beta, y = (nxt[0], _const_slot(nxt[0], y)), nxt[0].outputs[0]
+    return Norm(div.name or y.name, y, gamma, beta, div)
+
+
+def smooth_candidates(graph: gs.Graph) -> list[Norm]:
+    """The normalizations of ``graph``'s top level: LayerNormalization nodes and decompositions."""
+    out = []
+    for n in graph.nodes:
+        if n.op == "LayerNormalization" and n.outputs:
+            beta = (n, 2) if len(n.inputs) > 2 and n.inputs[2].name else None
+            out.append(Norm(n.name or n.outputs[0].name, n.outputs[0], (n, 1), beta, n))
+        elif n.op == "Div":
+            norm = _decomposed(n)
+            if norm is not None:
+                out.append(norm)
+    return out
+
+
+def smooth_check(norm: Norm, graph: gs.Graph) -> str | None:
+    node = norm.node
+    if node.op == "LayerNormalization":
+        if len(node.inputs) < 2 or not is_constant(node.inputs[1]):
+            return "its scale is not a constant"
+        if norm.beta is not None and not is_constant(node.inputs[2]):
+            return "its bias is not a constant"
+        if int(node.attrs.get("axis", -1)) != -1:
+            return "it does not normalize the last axis only"
+    y = norm.y
+    if is_graph_io(y, graph) or is_graph_io(norm.gamma[0].outputs[0], graph):
         return "its output is a graph output"
     readers = [r for r in consumers(y) if r.op in ("MatMul", "Gemm")]
     if not readers:
         return "no MatMul/Gemm reads its output"
+    k = None
     for r in readers:
         if r.inputs[0] is not y:
             return f"{r.op} {r.name!r} reads its output as the weight"
@@ -59,12 +114,20 @@ def smooth_check(ln: gs.Node, graph: gs.Graph) -> str | None:
             return f"{r.name!r} has a weight that is not a float32 matrix"
         if r.op == "Gemm" and r.attrs.get("transA", 0):
             return f"{r.name!r} is a Gemm with transA"
+        w = np.asarray(w)
+        k = w.shape[1] if r.op == "Gemm" and r.attrs.get("transB", 0) else w.shape[0]
+    for what, holder in (("scale", norm.gamma), ("bias", norm.beta)):
+        if holder is None:
+            continue
+        v = np.asarray(const_value(holder[0].inputs[holder[1]]))
+        if not (v.size in (1, k) and (v.ndim == 0 or all(d == 1 for d in v.shape[:-1]))):
+            return f"its {what} has shape {list(v.shape)}, not one value per channel of the last axis ({k})"
     return None
 
 
-def apply_smoothing(ln: gs.Node, graph: gs.Graph, namer: Namer, chan_absmax: np.ndarray, alpha: float) -> dict:
+def apply_smoothing(norm: Norm, graph: gs.Graph, namer: Namer, chan_absmax: np.ndarray, alpha: float) -> dict:
     """Rescale (checked by :func:`smooth_check`); return the plan entry."""
-    y = ln.outputs[0]
+    y = norm.y
     readers = [r for r in consumers(y) if r.op in ("MatMul", "Gemm")]
     others = [r for r in consumers(y) if r.op not in ("MatMul", "Gemm")]
     mats = []
@@ -76,19 +139,21 @@ def apply_smoothing(ln: gs.Node, graph: gs.Graph, namer: Namer, chan_absmax: np.
     a = np.asarray(chan_absmax, dtype=np.float64)
     s = (np.power(np.maximum(a, 1e-8), alpha) / np.power(np.maximum(wmax, 1e-8), 1.0 - alpha))
     s = np.clip(s, 1e-5, 1e5).astype(np.float32)
-    base = ln.name or y.name
+    base = norm.name
     if others:  # the normalization's output is read elsewhere too: scale only the MatMul branch
         ys = gs.Variable(namer.fresh(y.name, "smoothed"), dtype=np.float32)
         inv = gs.Constant(namer.fresh(base, "smooth_inverse"), (1.0 / s).astype(np.float32))
         graph.nodes.append(gs.Node("Mul", namer.fresh(base, "smooth_Mul"), inputs=[y, inv], outputs=[ys]))
         for r in readers:
             replace_input(r, y, ys)
-    else:
-        gamma = np.asarray(const_value(ln.inputs[1]), dtype=np.float32)
-        replace_input(ln, ln.inputs[1], gs.Constant(namer.fresh(base, "smooth_scale"), (gamma / s).astype(np.float32)))
-        if len(ln.inputs) > 2 and ln.inputs[2].name:
-            beta = np.asarray(const_value(ln.inputs[2]), dtype=np.float32)
-            replace_input(ln, ln.inputs[2], gs.Constant(namer.fresh(base, "smooth_bias"), (beta / s).astype(np.float32)))
+    else:  # fold 1/s into the scale and the bias: each keeps its rank, one value per channel
+        for holder, suffix in ((norm.gamma, "smooth_scale"), (norm.beta, "smooth_bias")):
+            if holder is None:
+                continue
+            node, slot = holder
+            v = np.asarray(const_value(node.inputs[slot]), dtype=np.float32)
+            shape = v.shape if v.size == s.size else (s.size,)
+            node.inputs[slot] = gs.Constant(namer.fresh(base, suffix), (v.reshape(-1) / s).reshape(shape).astype(np.float32))
     for r, w, t in mats:
         w2 = w * s[:, None]
         wname = r.inputs[1].name

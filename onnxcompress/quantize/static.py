@@ -483,24 +483,29 @@ class QuantizeInt8Pass(Pass):
 
     def _smooth(self, graph, ctx, plan: Plan, namer: Namer, base_dir) -> None:
         cfg: QuantizeInt8Config = self.config
-        lns = []
-        for ln in smooth_candidates(graph):
-            reason = smooth_check(ln, graph)
+        norms = []
+        candidates = smooth_candidates(graph)
+        for norm in candidates:
+            reason = smooth_check(norm, graph)
             if reason:
-                plan.notes.append(f"smoothquant skipped {ln.name}: {reason}")
+                plan.notes.append(f"smoothquant skipped {norm.name}: {reason}")
             else:
-                lns.append(ln)
-        if not lns:
+                norms.append(norm)
+        if not norms:
+            why = ("no normalization (LayerNormalization or its decomposition) in the main graph" if not candidates
+                   else "no normalization qualified (the plan's notes say why)")
+            if ctx is not None:
+                ctx.note(f"quantize_int8: --smoothquant changed nothing: {why}")
             return
         model = ctx.model_of(graph)
-        names = [ln.outputs[0].name for ln in lns]
+        names = [norm.y.name for norm in norms]
         stats = collect_stats(model, names, ctx.feeds(model), num_bins=128, channels=names,
                               max_batches=cfg.max_calib_batches, base_dir=base_dir)
-        for ln in lns:
-            s = stats[ln.outputs[0].name]
+        for norm in norms:
+            s = stats[norm.y.name]
             if s.chan_absmax is None:
                 continue
-            info = apply_smoothing(ln, graph, namer, s.chan_absmax, cfg.smoothquant)
+            info = apply_smoothing(norm, graph, namer, s.chan_absmax, cfg.smoothquant)
             graph.toposort(recurse_subgraphs=False)
             plan.notes.append(f"smoothquant {info['norm']}: alpha {info['alpha']}, scales "
                               f"{info['scale_min']:.3g}..{info['scale_max']:.3g}")
