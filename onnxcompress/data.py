@@ -778,11 +778,12 @@ def validate_feed(specs: Sequence[InputSpec], feed: Mapping[str, Any], *, where:
                 hint=f"cast it with .astype({spec.dtype.name!r})",
             )
         _check_shape(spec, tuple(value.shape), where=where)
-        if value.size == 0:
+        if value.size == 0 and (value.ndim == 0 or value.shape[0] == 0):
+            # an empty sample axis is no data; a zero-length free axis is (a KV cache before the first step)
             raise CalibrationError(
-                f"input {spec.name!r} is empty (shape {value.shape})",
+                f"input {spec.name!r} has no samples (shape {value.shape})",
                 where=where,
-                hint="every input needs at least one element",
+                hint="every input needs at least one sample on its first axis",
             )
         if spec.is_float:
             native = value.dtype in (np.float16, np.float32, np.float64)  # bfloat16 & co.: through float32

@@ -324,7 +324,7 @@ def test_validate_dtype_rank_dims_empty(specs):
         validate_feed(specs, dict(good_feed(), input_ids=np.zeros((2, 5), np.int32)), where="f")
     with pytest.raises(CalibrationError, match="rank 1"):
         validate_feed(specs, dict(good_feed(), input_ids=np.zeros(5, np.int64)), where="f")
-    with pytest.raises(CalibrationError, match="empty"):
+    with pytest.raises(CalibrationError, match="has no samples"):
         validate_feed(specs, dict(good_feed(), input_ids=np.zeros((0, 5), np.int64)), where="f")
     with pytest.raises(CalibrationError, match="is a list"):
         validate_feed(specs, dict(good_feed(), input_ids=[[1, 2]]), where="f")
@@ -385,3 +385,22 @@ def test_a_one_shot_source_spooled_reads_the_same_feeds_every_time(tmp_path):
     assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [f"feed{i:06d}.npz" for i in range(4)]
     lst = as_feed_source([feeds[0]])
     assert spooled(lst, tmp_path / "unused") is lst  # re-readable: as is
+
+
+def test_a_zero_length_free_axis_is_data_an_empty_sample_axis_is_not():
+    """A decoder's first step feeds a KV cache of past length 0 ([B, H, 0, d]), which onnxruntime runs;
+    such feeds were refused as 'empty'. An empty first (sample) axis is still no data."""
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, 2, P, 4] past, float[B, 2, S, 4] new) => (float[B, 2, T, 4] cat) {
+          cat = Concat <axis = 2> (past, new)
+        }
+        """
+    )
+    specs = input_specs(model)
+    validate_feed(specs, {"past": np.zeros((1, 2, 0, 4), np.float32), "new": np.ones((1, 2, 3, 4), np.float32)},
+                  where="first step")
+    with pytest.raises(CalibrationError, match="'past' has no samples"):
+        validate_feed(specs, {"past": np.zeros((0, 2, 1, 4), np.float32), "new": np.ones((1, 2, 3, 4), np.float32)},
+                      where="f")
