@@ -622,3 +622,12 @@ def test_a_dead_channel_keeps_its_bias(per_channel):
     fc1 = next(n for n in _plan(res)["nodes"] if n["node"] == "fc1")
     # per tensor, the scale comes from the live channels and already holds the bias
     assert fc1["weight"].get("bias_safe_scales") == (1 if per_channel else None)
+
+
+def test_a_run_that_quantizes_nothing_says_why():
+    """A model already in float16 (weights float16): int8 quantizes no layer; the summary says so and why
+    instead of only counting skips in the report."""
+    half = compress(_gemm_relu(), ["fp16"]).model
+    for data in (None, [_feeds(half, 32)]):
+        res = compress(half, _recipe(mode="auto"), data=data)
+        assert any(n.startswith("int8: no layer was quantized (") and "float16" in n for n in res.report.notes)

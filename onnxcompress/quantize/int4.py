@@ -282,7 +282,8 @@ class QuantizeInt4Config(StepConfig):
     block_size: int = option(32, "4-bit block size along the input features", flag="--int4-block-size",
                              choices=(16, 32, 64, 128, 256))
     format: str = option("matmulnbits", "matmulnbits (com.microsoft::MatMulNBits, fast on onnxruntime) or qdq "
-                         "(portable blocked DequantizeLinear int4, opset >= 21)", flag="--int4-format",
+                         "(portable blocked DequantizeLinear int4, opset >= 21; embedding tables follow "
+                         "--embed-format: add --embed-format decode for standard ops only)", flag="--int4-format",
                          choices=("matmulnbits", "qdq"))
     method: str = option("auto", "rounding: rtn (round to nearest), search (per-block clipping search), "
                          "gptq (error feedback, needs calibration data), auto (gptq with data, else rtn)",

@@ -165,6 +165,10 @@ class QuantizeInt8Pass(Pass):
                 else:
                     ctx.note("int8: dynamic int8 for MatMul/Gemm and int8 storage (size only) for Conv, as asked "
                              "(--int8-mode dynamic); the calibration data served verification only")
+        counts = plan.counts()
+        if ctx is not None and res.skipped and not any(counts.get(f) for f in ("qdq", "dynamic", "storage")):
+            reasons = sorted({sk.reason for sk in res.skipped})
+            ctx.note(f"int8: no layer was quantized ({'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})")
         res.details = {"plan": plan.to_dict()}
         return res
 
