@@ -555,6 +555,9 @@ class QuantizeInt4Pass(Pass):
                          "(the data-free default) instead")
             if method in ("auto", "gptq"):
                 method = "gptq" if stats is not None else "rtn"
+            if cfg.method == "auto" and stats is None and ctx is not None:
+                ctx.note("quantize_int4: no calibration data, so round-to-nearest; give calibration data "
+                         "(--calib-data) for GPTQ, which compensates each layer's rounding error on it")
 
         self._opset = graph.opset or 0
         layers = []
