@@ -80,7 +80,8 @@ class Context:
             source = as_feed_source(self.data, model=model, batch_size=batch_size)
         else:  # batch_size and model only shape how a file is cut into batches
             if self._source is None:  # a one-shot source is spooled to disk as first read, for every pass
-                self._source = spooled(as_feed_source(self.data), self.scratch_dir() / "feeds")
+                source = as_feed_source(self.data)
+                self._source = spooled(source, self.scratch_dir() / "feeds") if source._one_shot else source
             source = self._source
         return checked_source(source, model) if model is not None else source
 

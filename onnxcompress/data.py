@@ -559,6 +559,9 @@ def spooled(source: FeedSource, folder: Path) -> FeedSource:
             elif state["done"]:
                 return
             else:
+                if state.get("error") is not None:  # a later read must not end quietly where that one failed
+                    raise CalibrationError(f"{source.description} failed while it was first read: {state['error']}",
+                                           where="feeds", hint="fix the data source") from state["error"]
                 if state["it"] is None:
                     state["it"] = source.labeled()
                 try:
@@ -566,6 +569,9 @@ def spooled(source: FeedSource, folder: Path) -> FeedSource:
                 except StopIteration:
                     state["done"] = True
                     return
+                except Exception as exc:
+                    state["error"] = exc
+                    raise
                 path = folder / f"feed{len(files):06d}.npz"
                 _write_spooled(path, feed)
                 files.append((label, path))
@@ -577,22 +583,24 @@ def spooled(source: FeedSource, folder: Path) -> FeedSource:
 
 
 def _write_spooled(path: Path, feed: Feed) -> None:
-    """``np.savez`` of ``feed``; ml_dtypes arrays (bfloat16, float8) as their bits plus their dtype name."""
-    arrays, kinds = {}, {}
-    for k, v in feed.items():
-        v = np.asarray(v)
-        if v.dtype.kind == "V":
-            kinds[k] = str(v.dtype)
-            v = v.view(f"u{v.dtype.itemsize}")
-        arrays[k] = v
-    np.savez(path, **arrays, **({"__dtypes__": np.array(json.dumps(kinds))} if kinds else {}))
+    """``feed`` as an ``.npz`` of arrays ``a0, a1, ...`` and a JSON header of their input names and
+    dtypes (input names are any strings: ``file`` or ``allow_pickle`` cannot be savez keywords);
+    ml_dtypes arrays (bfloat16, float8, int4) are stored as their bits."""
+    arrays, header = {}, []
+    for i, (name, value) in enumerate(feed.items()):
+        v = np.asarray(value)
+        exotic = v.dtype.type.__module__.startswith("ml_dtypes")
+        header.append([name, v.dtype.name if exotic else ""])
+        arrays[f"a{i}"] = v.view(f"u{v.dtype.itemsize}") if exotic else v
+    np.savez(path, header=np.array(json.dumps(header)), **arrays)
 
 
 def _read_spooled(path: Path) -> Feed:
-    with np.load(path, allow_pickle=False) as z:
-        kinds = json.loads(str(z["__dtypes__"])) if "__dtypes__" in z.files else {}
-        return {k: (z[k].view(getattr(ml_dtypes, kinds[k])) if k in kinds else z[k])
-                for k in z.files if k != "__dtypes__"}
+    # our own scratch file, written by _write_spooled: string inputs (object arrays) need pickle
+    with np.load(path, allow_pickle=True) as z:
+        header = json.loads(str(z["header"]))
+        return {name: (z[f"a{i}"].view(getattr(ml_dtypes, kind)) if kind else z[f"a{i}"])
+                for i, (name, kind) in enumerate(header)}
 
 
 def checked_source(source: FeedSource, model: onnx.ModelProto | str | os.PathLike | bytes) -> FeedSource:

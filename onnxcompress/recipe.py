@@ -210,8 +210,8 @@ class VerifyConfig:
     batch: int = option(8, "batch size of the random verification feed when no data is given",
                         flag="--verify-batch", minimum=1)
     # each replaces its own criterion of the technique's policy and keeps the others of its family
-    # (bound: atol, rtol; task: min_cosine, min_top1); one family alone replaces the other
-    # (verify.tolerance.overridden)
+    # (bound: atol, rtol; task: min_cosine, min_top1); the policy's families none of whose values are
+    # given are dropped (verify.tolerance.overridden)
     atol: float | None = option(None, "absolute tolerance (replaces the policy's; with rtol, the bound family)",
                                 flag="--atol", minimum=0)
     rtol: float | None = option(None, "tolerance relative to the output's largest magnitude (replaces the "

@@ -259,6 +259,12 @@ def test_cache_fingerprint_reads_weights_held_in_external_data(tmp_path):
     assert model_fingerprint(protos[0], p1.parent) != model_fingerprint(protos[1], p2.parent)
     assert model_fingerprint(protos[0], p1.parent) == model_fingerprint(onnx.load(p1, load_external_data=False),
                                                                          p1.parent)
+    # where the bytes sit is not the model: another file name (a run's spill folder, say) fingerprints alike
+    (tmp_path / "c").mkdir()
+    onnx.save(builders.mlp((16, 12, 8), seed=0), tmp_path / "c" / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    assert model_fingerprint(onnx.load(tmp_path / "c" / "m.onnx", load_external_data=False), tmp_path / "c") == \
+        model_fingerprint(protos[0], p1.parent)
     cache = tmp_path / "ranges.json"
     cfg = QuantizeInt8Config(mode="static", calib_cache=str(cache))
     data = [{"x": np.random.default_rng(2).standard_normal((32, 16)).astype(np.float32)}]

@@ -365,7 +365,10 @@ def test_a_one_shot_source_spooled_reads_the_same_feeds_every_time(tmp_path):
 
     rng = np.random.default_rng(0)
     feeds = [{"x": rng.standard_normal((2, 3)).astype(np.float32),
-              "h": rng.standard_normal((2,)).astype(ml_dtypes.bfloat16)} for _ in range(4)]
+              "h": rng.standard_normal((2,)).astype(ml_dtypes.bfloat16),
+              "f8": rng.standard_normal((2,)).astype(ml_dtypes.float8_e5m2),
+              "file": np.arange(2, dtype=np.int64), "allow_pickle": np.array([True, False]),
+              "text": np.array(["a", "bc"], dtype=object)} for _ in range(4)]
     pulled = []
 
     def gen():
@@ -378,13 +381,24 @@ def test_a_one_shot_source_spooled_reads_the_same_feeds_every_time(tmp_path):
     next(first)  # a pass that stops after one feed
     a, b = list(src), list(src)
     assert len(pulled) == 4 and len(a) == len(b) == 4
-    for got in (a, b):
+    for got in (a, b):  # input names that are savez keywords, ml_dtypes and strings come back as they were
         for f, g in zip(feeds, got):
-            assert g["h"].dtype == ml_dtypes.bfloat16 and np.array_equal(f["h"], g["h"])
-            assert np.array_equal(f["x"], g["x"])
+            assert list(g) == list(f)
+            for k in f:
+                assert g[k].dtype == f[k].dtype and np.array_equal(f[k], g[k]), k
     assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [f"feed{i:06d}.npz" for i in range(4)]
     lst = as_feed_source([feeds[0]])
     assert spooled(lst, tmp_path / "unused") is lst  # re-readable: as is
+
+    def failing():
+        yield feeds[0]
+        raise OSError("disk gone")
+
+    src = spooled(as_feed_source(failing()), tmp_path / "spool2")
+    with pytest.raises(OSError):
+        list(src)
+    with pytest.raises(CalibrationError, match="failed while it was first read: disk gone"):
+        list(src)  # not a quietly shorter source
 
 
 def test_a_zero_length_free_axis_is_data_an_empty_sample_axis_is_not():

@@ -463,6 +463,15 @@ def test_smoothquant_folds_into_a_decomposed_layernorm():
     assert info["form"] == "folded"
     x = _feeds(m, 16, seed=3)
     assert builders.lossless_close(builders.run(m, x)[0], builders.run(graph_to_model(g, m), x)[0])
+    # the scaled value before the bias also read elsewhere (here: an output): the scale stays, a Mul smooths
+    m2 = _decomposed_ln_encoder()
+    m2.graph.output.append(helper.make_tensor_value_info("sc", TensorProto.FLOAT, None))
+    g2 = model_to_graph(open_model(m2))
+    norm = smooth_candidates(g2)[0]
+    assert smooth_check(norm, g2) is None
+    assert apply_smoothing(norm, g2, Namer.for_graph(g2), np.linspace(0.5, 30.0, 16), 0.5)["form"] == "mul"
+    for a, c in zip(builders.run(m2, x), builders.run(graph_to_model(g2, m2), x)):
+        assert builders.lossless_close(a, c)
     calib = [_feeds(m, 64, seed=1)]
     smooth = compress(m, _recipe(mode="static", smoothquant=0.5), data=calib)
     op_form = compress(_tiny_encoder(), _recipe(mode="static", smoothquant=0.5), data=calib)

@@ -123,20 +123,26 @@ def iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProt
         yield st.values, graph
         yield st.indices, graph
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t, graph
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                for t in attr.tensors:
-                    yield t, graph
-            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
-                yield attr.sparse_tensor.values, graph
-                yield attr.sparse_tensor.indices, graph
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_tensor_protos(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_tensor_protos(g)
+        yield from iter_node_tensors(node, graph)
+
+
+def iter_node_tensors(node: onnx.NodeProto, graph: onnx.GraphProto | None = None
+                      ) -> Iterator[tuple[onnx.TensorProto, onnx.GraphProto | None]]:
+    """:func:`iter_tensor_protos` for one node: its tensor attributes and its subgraphs' tensors."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.TENSOR:
+            yield attr.t, graph
+        elif attr.type == onnx.AttributeProto.TENSORS:
+            for t in attr.tensors:
+                yield t, graph
+        elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+            yield attr.sparse_tensor.values, graph
+            yield attr.sparse_tensor.indices, graph
+        elif attr.type == onnx.AttributeProto.GRAPH:
+            yield from iter_tensor_protos(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for g in attr.graphs:
+                yield from iter_tensor_protos(g)
 
 
 def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

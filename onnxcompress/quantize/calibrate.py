@@ -343,14 +343,35 @@ def model_fingerprint(model: onnx.ModelProto, base_dir=None) -> str:
     ``Constant`` values included), initializers, inputs and outputs, and the bytes of weights held
     in external data (read from ``base_dir`` a chunk at a time). Read part by part, so no second
     copy of the model is made."""
-    from onnxcompress.graph.io import hash_external, iter_tensor_protos
+    from onnxcompress.graph.io import hash_external, iter_node_tensors
 
+    def tensors(part) -> list[onnx.TensorProto]:
+        if isinstance(part, onnx.TensorProto):
+            return [part]
+        if isinstance(part, onnx.SparseTensorProto):
+            return [part.values, part.indices]
+        if isinstance(part, onnx.NodeProto):
+            return [t for t, _ in iter_node_tensors(part)]
+        return []  # inputs and outputs
+
+    external = onnx.TensorProto.EXTERNAL
     h = hashlib.sha256()
     g = model.graph
     for part in (*g.input, *g.output, *g.node, *g.initializer, *g.sparse_initializer):
-        h.update(part.SerializeToString())
-    for t, _ in iter_tensor_protos(g):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
+        ext = [t for t in tensors(part) if t.data_location == external]
+        if not ext:
+            h.update(part.SerializeToString())
+            continue
+        # where the bytes sit (a file name, a scratch folder a run spilled them to) is not the model:
+        # hash the part without that, then the bytes themselves
+        clone = type(part)()
+        clone.CopyFrom(part)
+        for t in tensors(clone):
+            if t.data_location == external:
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+        h.update(clone.SerializeToString())
+        for t in ext:
             hash_external(t, base_dir, h)
     return h.hexdigest()[:16]
 

@@ -47,6 +47,7 @@ class Norm:
     gamma: tuple[gs.Node, int]
     beta: tuple[gs.Node, int] | None
     node: gs.Node  # the LayerNormalization, or the decomposition's Div (for the checks)
+    foldable: bool = True  # False: a value between the scale and y is read elsewhere (smooth with a Mul)
 
 
 def _const_slot(node: gs.Node, other: gs.Tensor) -> int | None:
@@ -67,11 +68,12 @@ def _decomposed(div: gs.Node) -> Norm | None:
         return None
     mul = readers[0]
     gamma = (mul, _const_slot(mul, div.outputs[0]))
-    y, beta = mul.outputs[0], None
-    nxt = consumers(y)
-    if len(nxt) == 1 and nxt[0].op == "Add" and _const_slot(nxt[0], y) is not None:
-        beta, y = (nxt[0], _const_slot(nxt[0], y)), nxt[0].outputs[0]
-    return Norm(div.name or y.name, y, gamma, beta, div)
+    y, beta, foldable = mul.outputs[0], None, True
+    adds = [c for c in consumers(y) if c.op == "Add" and _const_slot(c, y) is not None]
+    if len(adds) == 1:  # the bias; if the scaled value is read elsewhere too, the scale cannot take 1/s
+        foldable = len(consumers(y)) == 1
+        beta, y = (adds[0], _const_slot(adds[0], y)), adds[0].outputs[0]
+    return Norm(div.name or y.name, y, gamma, beta, div, foldable)
 
 
 def smooth_candidates(graph: gs.Graph) -> list[Norm]:
@@ -98,8 +100,10 @@ def smooth_check(norm: Norm, graph: gs.Graph) -> str | None:
         if int(node.attrs.get("axis", -1)) != -1:
             return "it does not normalize the last axis only"
     y = norm.y
-    if is_graph_io(y, graph) or is_graph_io(norm.gamma[0].outputs[0], graph):
+    if is_graph_io(y, graph):
         return "its output is a graph output"
+    if norm.foldable and is_graph_io(norm.gamma[0].outputs[0], graph):
+        norm.foldable = False  # the scaled value is an output too: leave the scale, smooth with a Mul
     readers = [r for r in consumers(y) if r.op in ("MatMul", "Gemm")]
     if not readers:
         return "no MatMul/Gemm reads its output"
@@ -140,7 +144,7 @@ def apply_smoothing(norm: Norm, graph: gs.Graph, namer: Namer, chan_absmax: np.n
     s = (np.power(np.maximum(a, 1e-8), alpha) / np.power(np.maximum(wmax, 1e-8), 1.0 - alpha))
     s = np.clip(s, 1e-5, 1e5).astype(np.float32)
     base = norm.name
-    if others:  # the normalization's output is read elsewhere too: scale only the MatMul branch
+    if others or not norm.foldable:  # y (or a value before it) is read elsewhere too: scale the MatMul branch
         ys = gs.Variable(namer.fresh(y.name, "smoothed"), dtype=np.float32)
         inv = gs.Constant(namer.fresh(base, "smooth_inverse"), (1.0 / s).astype(np.float32))
         graph.nodes.append(gs.Node("Mul", namer.fresh(base, "smooth_Mul"), inputs=[y, inv], outputs=[ys]))
@@ -158,5 +162,6 @@ def apply_smoothing(norm: Norm, graph: gs.Graph, namer: Namer, chan_absmax: np.n
         w2 = w * s[:, None]
         wname = r.inputs[1].name
         replace_input(r, r.inputs[1], gs.Constant(namer.fresh(wname, "smoothed"), contiguous(w2.T if t else w2)))
-    return {"norm": base, "alpha": alpha, "readers": [r.name for r, _, _ in mats], "form": "mul" if others else "folded",
+    return {"norm": base, "alpha": alpha, "readers": [r.name for r, _, _ in mats],
+            "form": "mul" if others or not norm.foldable else "folded",
             "scale_min": float(s.min()), "scale_max": float(s.max())}
