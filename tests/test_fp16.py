@@ -330,17 +330,20 @@ def test_data_movement_between_float32_ends_stays_float32():
     Casts on both sides, so x2 != x (max error 9e-4) although nothing is computed. An op that only
     moves data stays float32 when no half node feeds it or reads it; the MatMul still goes half."""
     w = numpy_helper.from_array(_x((16, 8), seed=1), "W")
+    w2 = numpy_helper.from_array(_x((4, 3), seed=3), "W2")  # xt is an output and a half MatMul's input
     g = helper.make_graph([helper.make_node("Identity", ["x"], ["x2"], name="copy"),
                            helper.make_node("Transpose", ["x2"], ["xt"], name="flip", perm=[1, 0]),
+                           helper.make_node("MatMul", ["xt", "W2"], ["z"], name="mm2"),
                            helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
                           [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
-                           for n, s in (("x2", [4, 16]), ("xt", [16, 4]), ("y", [4, 8]))], [w])
+                           for n, s in (("x2", [4, 16]), ("xt", [16, 4]), ("y", [4, 8]), ("z", [16, 3]))],
+                          [w, w2])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     out, res = apply_pass(m, ConvertFp16Pass(ConvertFp16Config()))
     x = _x((4, 16), seed=2)
     got = builders.run(out, {"x": x})
     assert np.array_equal(got[0], x) and np.array_equal(got[1], x.T)
-    assert op_counts(out)["Cast"] == 2 and op_counts(out)["MatMul"] == 1  # x -> half for the MatMul; y -> float32
-    assert next(n for n in out.graph.node if n.op_type == "MatMul").input[0] != "x"  # the MatMul computes in half
+    assert op_counts(out)["Cast"] == 4  # x and xt -> half for the MatMuls; y and z -> float32
+    assert all(n.input[0] not in ("x", "xt") for n in out.graph.node if n.op_type == "MatMul")  # both in half
     assert sum("only moves data" in r for r in skip_reasons(res)) == 2

@@ -210,17 +210,19 @@ class ConvertFp16Pass(Pass):
                                 res.skip(c.name or c.op, "fp16", f"reads {out.name!r}, made from a weight out of "
                                          f"{cfg.dtype} range")
                                 kept[c.op] = kept.get(c.op, 0) + 1
-        # a node that only moves data computes nothing in half, it only rounds: it goes half only when
-        # connected (through other such nodes) to a node that computes in half, else it stays float32
-        # (an input passed through to an output, say, stays exact)
+        # a node that only moves data computes nothing in half, it only rounds: it goes half when a half
+        # node feeds it, or when half nodes are all that read it (the Cast then comes before it); else it
+        # stays float32 (an input passed through to an output, say, stays exact)
         movers = {id(n): n for g in graphs for n in g.nodes if n.op in _MOVES and id(n) in st.half_nodes}
         st.half_nodes -= set(movers)
         grown = True
         while grown:
             grown = False
             for key, node in list(movers.items()):
-                if any(t.inputs and id(t.inputs[0]) in st.half_nodes for t in node.inputs) or any(
-                        id(c) in st.half_nodes for o in node.outputs for c in o.outputs):
+                readers = [c for o in node.outputs for c in o.outputs]
+                if any(t.inputs and id(t.inputs[0]) in st.half_nodes for t in node.inputs) or (
+                        readers and all(id(c) in st.half_nodes for c in readers)
+                        and not any(_is_io(o, graphs) for o in node.outputs)):
                     st.half_nodes.add(key)
                     del movers[key]
                     grown = True
