@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import typing
@@ -193,6 +194,26 @@ def recipe_from_args(args: argparse.Namespace, targets: dict[str, list[_Target]]
     return recipe
 
 
+def check_side_file(flag: str, path, protected) -> None:
+    """Refuse a path given for a side file (``--report``, ``--calib-cache``) that would overwrite one
+    of the run's own files (the input, its data files, the output, the calibration data) or cannot
+    be written; checked before anything is written."""
+    if not path:
+        return
+    p = Path(path)
+    real = os.path.realpath(p)
+    for q in protected:
+        if q is not None and os.path.realpath(q) == real:
+            raise RecipeError(f"{flag} {str(path)!r} is {str(q)!r}, one of this run's own files", where="command line",
+                              hint=f"give {flag} a path of its own")
+    if p.is_dir() or not p.parent.is_dir():
+        raise RecipeError(f"{flag} {str(path)!r} is a folder or its folder does not exist", where="command line",
+                          hint=f"give a file path in an existing folder, e.g. {flag} report.json")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise RecipeError(f"{flag} {str(path)!r} cannot be written", where="command line",
+                          hint="choose a file in a folder you can write to")
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet or not verbose else (logging.INFO if verbose == 1 else logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
@@ -281,18 +302,20 @@ def _run(args, parser, targets, owners) -> int:
         raise RecipeError("no output path given", where="command line",
                           hint="usage: onnxcompress IN.onnx OUT.onnx [flags]")
     inp, out = Path(args.input), Path(args.output)
-    import os
-
     if inp.exists() and os.path.realpath(inp) == os.path.realpath(out):
         raise RecipeError(f"the output {str(out)!r} is the input", where="command line",
                           hint="choose a different output path; onnxcompress never overwrites its input")
     if not out.parent.is_dir():
         raise RecipeError(f"output folder {str(out.parent)!r} does not exist", where="command line",
                           hint="create it first")
-    if args.report and (Path(args.report).is_dir() or not Path(args.report).parent.is_dir()):
-        raise RecipeError(f"--report {args.report!r} is a folder or its folder does not exist", where="command line",
-                          hint="give a file path in an existing folder, e.g. --report report.json")
+    data_paths = [args.calib_data] if args.calib_data else []
+    check_side_file("the output", out, data_paths)
+    files_ours = [inp, out, out.with_name(out.name + ".data"), *data_paths]
+    check_side_file("--report", args.report, files_ours)
+    for step in recipe.steps:
+        check_side_file("--calib-cache", getattr(step, "calib_cache", None), [inp, out, *data_paths])
     result = compress(inp, recipe, data=args.calib_data, progress=not args.quiet)
+    check_side_file("--report", args.report, result.source_files)  # the input's external data files
     if result.passed or args.keep_failed:
         result.save(out, force=args.keep_failed)
     if args.report:

@@ -468,3 +468,27 @@ def test_a_usage_error_is_one_line_not_the_usage_block(capfd):
     assert exc.value.code == 2
     assert err.splitlines() == ["onnxcompress: error: argument --int4-block-size: invalid choice: 7 (choose from "
                                 "16, 32, 64, 128, 256) (see onnxcompress --help)"]
+
+
+@pytest.mark.parametrize("target", ["input", "output", "data", "calib"])
+def test_report_and_cache_paths_never_overwrite_the_runs_own_files(capsys, tmp_path, target):
+    """--report INPUT replaced the model with JSON (exit 0); --report OUT, the input's external data
+    and the calibration file likewise; --calib-cache INPUT; OUT = the calibration file. Each is now
+    refused before anything is written."""
+    m = builders.mlp()
+    onnx.save(m, tmp_path / "in.onnx", save_as_external_data=True, location="in.data", size_threshold=0)
+    np.savez(tmp_path / "cal.npz", x=np.zeros((4, 16), np.float32))
+    paths = {"input": tmp_path / "in.onnx", "output": tmp_path / "out" / "o.onnx", "data": tmp_path / "in.data",
+             "calib": tmp_path / "cal.npz"}
+    (tmp_path / "out").mkdir()
+    for flag in ("--report", "--calib-cache", "OUT"):
+        if flag == "--calib-cache" and target in ("output", "data"):
+            continue
+        before = _digest(tmp_path)
+        out = paths["calib"] if flag == "OUT" else paths["output"]
+        if flag == "OUT" and target != "calib":
+            continue
+        extra = ["--int8", "--calib-data", tmp_path / "cal.npz"] + ([flag, paths[target]] if flag != "OUT" else [])
+        rc, _, err = _cli(capsys, [paths["input"], out, "-q", *extra])
+        assert rc == 2 and "one of this run's own files" in err, (flag, err)
+        assert _digest(tmp_path) == before

@@ -63,8 +63,14 @@ def _run(args) -> int:
     from onnxcompress.graph.io import open_model, save, write_text_atomic
     from onnxcompress.transfer.transplant import transplant
 
+    from onnxcompress.cli import check_side_file
+
+    data_paths = [args.calib_data] if args.calib_data else []
+    check_side_file("OUT", args.output, data_paths)
+    check_side_file("--report", args.report, [args.source, args.destination, args.output, *data_paths])
     src = open_model(args.source)
     dst = open_model(args.destination)
+    check_side_file("--report", args.report, [*src.data_files, *dst.data_files])
     model, rep = transplant(src, dst, by_position=args.by_position, data=args.calib_data)
     unmatched = rep.unmatched_dst + rep.ambiguous + [m["tensor"] for m in rep.mismatched] + rep.encoded
     if args.strict and unmatched:
