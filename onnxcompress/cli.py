@@ -194,7 +194,7 @@ def recipe_from_args(args: argparse.Namespace, targets: dict[str, list[_Target]]
     return recipe
 
 
-def check_side_file(flag: str, path, protected) -> None:
+def check_side_file(flag: str, path, protected, *, overlap_only: bool = False) -> None:
     """Refuse a path given for a side file (``--report``, ``--calib-cache``) that would overwrite one
     of the run's own files (the input, its data files, the output, the calibration data) or cannot
     be written; checked before anything is written."""
@@ -206,6 +206,8 @@ def check_side_file(flag: str, path, protected) -> None:
         if q is not None and os.path.realpath(q) == real:
             raise RecipeError(f"{flag} {str(path)!r} is {str(q)!r}, one of this run's own files", where="command line",
                               hint=f"give {flag} a path of its own")
+    if overlap_only:  # the output: save() checks its folder itself
+        return
     if p.is_dir() or not p.parent.is_dir():
         raise RecipeError(f"{flag} {str(path)!r} is a folder or its folder does not exist", where="command line",
                           hint=f"give a file path in an existing folder, e.g. {flag} report.json")
@@ -309,7 +311,7 @@ def _run(args, parser, targets, owners) -> int:
         raise RecipeError(f"output folder {str(out.parent)!r} does not exist", where="command line",
                           hint="create it first")
     data_paths = [args.calib_data] if args.calib_data else []
-    check_side_file("the output", out, data_paths)
+    check_side_file("the output", out, data_paths, overlap_only=True)
     files_ours = [inp, out, out.with_name(out.name + ".data"), *data_paths]
     check_side_file("--report", args.report, files_ours)
     for step in recipe.steps:

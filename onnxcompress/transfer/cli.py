@@ -66,7 +66,7 @@ def _run(args) -> int:
     from onnxcompress.cli import check_side_file
 
     data_paths = [args.calib_data] if args.calib_data else []
-    check_side_file("OUT", args.output, data_paths)
+    check_side_file("OUT", args.output, data_paths, overlap_only=True)
     check_side_file("--report", args.report, [args.source, args.destination, args.output, *data_paths])
     src = open_model(args.source)
     dst = open_model(args.destination)
