@@ -40,7 +40,8 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.errors import CalibrationError
 from onnxcompress.graph.naming import Namer
-from onnxcompress.graph.query import const_value, consumers, is_constant, is_graph_io, iter_graphs, name_matches
+from onnxcompress.graph.query import (const_value, consumers, is_constant, is_graph_io, iter_graphs, iter_weights,
+                                      name_matches)
 from onnxcompress.graph.rewrite import disconnect, replace_all_uses, replace_output
 from onnxcompress.passes.base import Pass, PassResult, cleanup_graph
 from onnxcompress.quantize import policy
@@ -131,6 +132,7 @@ class QuantizeInt8Pass(Pass):
         res = PassResult()
         self.note_unmatched(ctx, graph, "exclude_nodes")
         self.note_unmatched(ctx, graph, "exclude_ops", ops=True)
+        shared = [(w, len(w.consumers)) for w in iter_weights(graph, float_only=True) if len(w.consumers) > 1]
         has_data = ctx is not None and getattr(ctx, "data", None) is not None
         mode = cfg.mode if cfg.mode != "auto" else ("static" if has_data else "dynamic")
         cached = bool(cfg.calib_cache) and Path(cfg.calib_cache).is_file()
@@ -165,12 +167,27 @@ class QuantizeInt8Pass(Pass):
                 else:
                     ctx.note("int8: dynamic int8 for MatMul/Gemm and int8 storage (size only) for Conv, as asked "
                              "(--int8-mode dynamic); the calibration data served verification only")
+        self._note_float_copies(shared, ctx)
         counts = plan.counts()
         if ctx is not None and res.skipped and not any(counts.get(f) for f in ("qdq", "dynamic", "storage")):
             reasons = sorted({sk.reason for sk in res.skipped})
             ctx.note(f"int8: no layer was quantized ({'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})")
         res.details = {"plan": plan.to_dict()}
         return res
+
+    @staticmethod
+    def _note_float_copies(shared, ctx) -> None:
+        """A weight that some readers now read in int8 while others still read in float (a tied LM
+        head: Gather and Gemm on one table) is stored twice: say so, and by how much the file grows."""
+        kept = [(w, [c.name for c in w.tensor.outputs]) for w, n in shared if 0 < len(w.tensor.outputs) < n]
+        if not kept or ctx is None:
+            return
+        extra = sum(w.size for w, _ in kept)  # one int8 byte per element beside the float copy
+        (w, readers), more = kept[0], len(kept) - 1
+        ctx.note(f"int8: {len(kept)} weight(s) also read by nodes that stay float keep their float copy beside the "
+                 f"int8 one (the int8 copies add about {extra:,} bytes): {w.name!r} (still read in float by "
+                 f"{', '.join(readers[:3])}){f' and {more} more' if more else ''}; --exclude-nodes on the quantized "
+                 "reader keeps the weight stored once")
 
     # dynamic ----------------------------------------------------------------------------------------
 
