@@ -492,3 +492,33 @@ def test_report_and_cache_paths_never_overwrite_the_runs_own_files(capsys, tmp_p
         rc, _, err = _cli(capsys, [paths["input"], out, "-q", *extra])
         assert rc == 2 and "one of this run's own files" in err, (flag, err)
         assert _digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("flags", [["--int8"], ["--int8", "--no-per-channel"], ["--int4", "--no-int4-keep-last"],
+                                   ["--storage", "int4"]], ids=["int8", "int8-per-tensor", "int4", "storage"])
+def test_non_finite_weights_leave_their_layer_float_with_a_reason(tmp_path, flags):
+    """One Inf in a weight used to be quantized anyway: per tensor it spoiled every output column
+    (the original has one non-finite column). The layer now stays float, with the reason."""
+    import json
+
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    w[3, 5] = np.inf
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])],
+                          [onnx.numpy_helper.from_array(w, "W")])
+    inp = _write(tmp_path, "in.onnx", helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    rc = cli.main([str(inp), str(tmp_path / "o.onnx"), "-q", "--no-verify", "--report", str(tmp_path / "r.json"),
+                   *flags])
+    assert rc == 0
+    steps = json.loads((tmp_path / "r.json").read_text())["steps"]
+    reasons = [s["reason"] for step in steps for s in step["skipped"]]
+    assert any("1 non-finite value(s) (NaN or Inf)" in r for r in reasons), reasons
+    out = onnx.load(tmp_path / "o.onnx")
+    assert [t.name for t in out.graph.initializer] == ["W"]  # the float weight, untouched
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    y = builders.run(out, {"x": x})[0]
+    assert sorted(set(np.flatnonzero(~np.isfinite(y).all(axis=0)))) == [5]

@@ -25,7 +25,7 @@ from onnx import TensorProto
 from onnxcompress.graph.naming import Namer
 from onnxcompress.graph.query import const_value, is_constant, is_graph_io
 from onnxcompress.graph.rewrite import disconnect
-from onnxcompress.quantize.params import QType, quantize, weight_params, contiguous
+from onnxcompress.quantize.params import QType, contiguous, nonfinite_reason, quantize, weight_params
 
 __all__ = ["dynamic_check", "quantize_dynamic_node"]
 
@@ -53,6 +53,9 @@ def dynamic_check(node: gs.Node, graph: gs.Graph) -> str | None:
         return "its weight is not a matrix (rank 2)"
     if np.asarray(w).dtype != np.float32:
         return f"its weight is {np.asarray(w).dtype}, not float32"
+    bad = nonfinite_reason(w)
+    if bad:
+        return bad
     x = node.inputs[0]
     if x.dtype is not None and np.dtype(x.dtype) != np.float32:
         return "its input is not float32 (DynamicQuantizeLinear reads float32 only)"

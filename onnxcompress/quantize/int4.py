@@ -86,6 +86,7 @@ from onnxcompress.graph.query import (const_value, is_constant, is_graph_io, ite
                                       weight_ref)
 from onnxcompress.graph.rewrite import disconnect
 from onnxcompress.passes.base import Pass, PassResult
+from onnxcompress.quantize.params import nonfinite_reason
 from onnxcompress.recipe import StepConfig, option
 
 __all__ = [
@@ -567,7 +568,14 @@ class QuantizeInt4Pass(Pass):
             first = done.get(id(t.weight))
             readers = len(t.weight.outputs)  # before emit() rewires this node away from the weight
             if first is None:
-                bq, used = self._quantize(t, method, stats)
+                bad = nonfinite_reason(t.w)  # read here, where the weight is loaded anyway
+                bq, used = self._quantize(t, method, stats) if bad is None else (None, "")
+                if bad is None and not np.all(np.isfinite(bq.scale)):
+                    bad = "its weight's range overflows float32 in a block's scale"
+                if bad is not None:
+                    res.skip(node_name, "int4", bad)
+                    t.release()
+                    continue
             else:
                 bq, used = first[0], "shared"
             err = float(np.linalg.norm(bq.dequant().T - t.w) / max(float(np.linalg.norm(t.w)), 1e-30))

@@ -170,6 +170,16 @@ def dequantize(q: np.ndarray, p: QParams) -> np.ndarray:
     return ((q.astype(np.int32) - z) * s).astype(np.float32)
 
 
+def nonfinite_reason(values: np.ndarray, what: str = "its weight") -> str | None:
+    """Why ``values`` cannot be quantized when they hold NaN or ±Inf (a scale from them is not finite,
+    and per tensor one Inf spoils every value), else None. The layer stays float, reported."""
+    v = np.asarray(values)
+    if v.dtype.kind != "f":
+        return None
+    bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+    return f"{what} holds {bad} non-finite value(s) (NaN or Inf)" if bad else None
+
+
 #: the largest |int32 bias| we produce: half the int32 range, the rest left to the accumulated products
 BIAS_LIMIT = 2.0**30
 

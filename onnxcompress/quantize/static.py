@@ -48,7 +48,8 @@ from onnxcompress.quantize import policy
 from onnxcompress.quantize.calibrate import Calibrator, collect_stats, model_fingerprint
 from onnxcompress.quantize.config import QuantizeInt8Config
 from onnxcompress.quantize.dynamic import dynamic_check, quantize_dynamic_node
-from onnxcompress.quantize.params import QParams, affine_params, bias_safe_weight_scale, qtype, weight_params
+from onnxcompress.quantize.params import (QParams, affine_params, bias_safe_weight_scale, nonfinite_reason, qtype,
+                                          weight_params)
 from onnxcompress.quantize.plan import Plan, TensorPlan
 from onnxcompress.quantize.qdq import QDQBuilder
 from onnxcompress.quantize.smoothquant import apply_smoothing, smooth_candidates, smooth_check
@@ -111,6 +112,9 @@ class QuantizeInt8Pass(Pass):
             return "its weight is not a float32 constant"
         if np.asarray(w).size < cfg.min_elements:
             return f"its weight has {np.asarray(w).size} elements < min_elements {cfg.min_elements}"
+        bad = nonfinite_reason(w)
+        if bad:
+            return bad
         if node.op == "MatMul" and np.asarray(w).ndim != 2:
             return "its weight is not a matrix (rank 2)"
         if node.op == "Gemm":

@@ -38,7 +38,7 @@ from onnxcompress.graph.query import WeightRef, is_graph_io, iter_nodes, iter_we
 from onnxcompress.graph.rewrite import replace_all_uses
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.quantize.config import StorageConfig
-from onnxcompress.quantize.params import block_view, contiguous
+from onnxcompress.quantize.params import block_view, contiguous, nonfinite_reason
 
 __all__ = ["StoragePass", "EncodedWeight", "encode_weight", "weight_axis", "WEIGHT_SLOTS", "encode_values"]
 
@@ -157,6 +157,9 @@ def storage_check(w: WeightRef, ops: tuple[str, ...], min_elements: int) -> str 
         return f"dtype {w.dtype} is not float32/float16"
     if is_graph_io(w.tensor, w.graph):
         return "it is a graph output"
+    bad = nonfinite_reason(w.values, "it")
+    if bad:
+        return bad
     for c in w.consumers:
         slot = WEIGHT_SLOTS.get(c.op)
         if c.op not in ops or slot is None or len(c.inputs) <= slot or c.inputs[slot] is not w.tensor:
