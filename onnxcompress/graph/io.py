@@ -332,6 +332,11 @@ def _check_model_shape(model: onnx.ModelProto, name: str) -> None:
     if not model.graph.output:
         raise ModelError(f"{name} has no graph outputs", where="load",
                          hint="a model without outputs computes nothing; re-export it with its outputs")
+    if not any(imp.domain in ("", "ai.onnx") for imp in model.opset_import) and any(
+            n.domain in ("", "ai.onnx") for g in iter_graph_protos(model.graph) for n in g.node):
+        raise ModelError(f"{name} declares no opset for the default ONNX domain", where="load",
+                         hint="add one: model.opset_import.append(onnx.helper.make_opsetid('', 17)) (the opset "
+                              "it was exported with)")
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             if imp.version < 7:
