@@ -522,3 +522,20 @@ def test_qdq_form_through_the_whole_preset_and_its_opset_note():
     assert dq and res.passed
     res = oc.compress(m18, recipe)
     assert any("the portable qdq form needs opset >= 21 and the model has 18" in n for n in res.report.notes)
+
+
+def test_a_weight_whose_other_reader_stays_float_is_not_stored_twice():
+    """W read by mm1 and by the output layer mm2, which keep_last keeps float: quantizing mm1 alone kept
+    the float W for mm2 and added its 4-bit copy. Both readers now stay float, with the reason."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 0.1, "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="mm1"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(keep_last=True, keep_last_max_share=1.0,
+                                                                  first_bits=4)))
+    assert MS_NBITS not in op_counts(out) and [t.name for t in out.graph.initializer] == ["W"]
+    assert any("also read by MatMul 'mm2', which stays float" in r for r in skip_reasons(res))

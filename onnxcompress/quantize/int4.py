@@ -538,6 +538,15 @@ class QuantizeInt4Pass(Pass):
                 continue
             t.bits = cfg.first_bits if id(node) in first else 4
             targets.append(t)
+        # a weight whose other readers stay float (keep_last, exclude, min_elements ...) would be stored
+        # twice: its readers stay float together
+        chosen = {id(t.node) for t in targets}
+        for t in list(targets):
+            left = [c for c in t.weight.outputs if id(c) not in chosen]
+            if left:
+                res.skip(t.node.name or t.node.op, "int4", f"the weight is also read by {left[0].op} "
+                         f"{left[0].name!r}, which stays float: quantizing would store it twice")
+                targets.remove(t)
         if not targets:
             res.details = {"layers": [], "format": cfg.format}
             if ctx is not None:
@@ -599,8 +608,10 @@ class QuantizeInt4Pass(Pass):
         res.details = {"format": cfg.format, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level,
                        "method": method, "symmetric": cfg.symmetric, "layers": layers}
         if cfg.format == "qdq":
-            ctx.note("quantize_int4: the portable qdq form runs DequantizeLinear at every inference on "
-                     "onnxruntime (slower than fp32); use format=matmulnbits for speed")
+            ctx.note("quantize_int4: the portable qdq form: onnxruntime with graph optimizations on fuses each "
+                     "DequantizeLinear + MatMul into its MatMulNBits at accuracy level 4 (int8 activations: "
+                     "--int4-accuracy-level does not apply to this form); with them off it dequantizes at every "
+                     "inference (slower than fp32); format=matmulnbits sets the kernel and its level explicitly")
         return res
 
     def _quantize(self, t: _Target, method: str, stats) -> tuple[BlockQuant, str]:
