@@ -243,7 +243,8 @@ def test_declines_shared_with_other_op_nonconstant_graph_output_and_small():
     assert not res.modified
 
 
-def test_weight_shared_by_two_matmuls_is_quantized_once():
+def _shared_weight_model() -> onnx.ModelProto:
+    """x -> MatMul(W) -> Relu -> MatMul(W) -> y: one 64x64 weight read by two layers."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 0.1, "W")
     nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="mm1"),
@@ -253,6 +254,11 @@ def test_weight_shared_by_two_matmuls_is_quantized_once():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], [w])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
+    return m
+
+
+def test_weight_shared_by_two_matmuls_is_quantized_once():
+    m = _shared_weight_model()
     out, res = apply_pass(m, QuantizeInt4Pass(_cfg(method="rtn", accuracy_level=0)))
     assert op_counts(out)[MS_NBITS] == 2
     assert sum(t.data_type == TensorProto.UINT8 and len(t.dims) == 3 for t in out.graph.initializer) == 1
@@ -527,14 +533,7 @@ def test_qdq_form_through_the_whole_preset_and_its_opset_note():
 def test_a_weight_whose_other_reader_stays_float_is_not_stored_twice():
     """W read by mm1 and by the output layer mm2, which keep_last keeps float: quantizing mm1 alone kept
     the float W for mm2 and added its 4-bit copy. Both readers now stay float, with the reason."""
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 0.1, "W")
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="mm1"),
-             helper.make_node("Relu", ["a"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "W"], ["y"], name="mm2")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], [w])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m = _shared_weight_model()
     out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(keep_last=True, keep_last_max_share=1.0,
                                                                   first_bits=4)))
     assert MS_NBITS not in op_counts(out) and [t.name for t in out.graph.initializer] == ["W"]
