@@ -26,7 +26,8 @@ as in the activation-weighted search), so the search does not ignore them.
 Statistics are streamed: onnxruntime runs the model with the layers' input tensors as extra outputs,
 batch by batch; only the running sums XᵀX [K, K] (for GPTQ) or Σx² [K] (for the search) are kept,
 so memory does not grow with the number of samples. Inputs of nodes inside If/Loop bodies cannot be
-graph outputs: those layers get no statistics (the caller falls back to the plain search).
+graph outputs: those layers get no statistics (the caller rounds them to nearest under gptq and auto,
+and searches without activation weights under search).
 """
 
 from __future__ import annotations
