@@ -216,6 +216,12 @@ def test_external_data_missing(capsys, tmp_path):
     _refused(capsys, tmp_path, _external(tmp_path, write_data=False), 3, "'w.bin'", "missing")
 
 
+def test_external_data_location_that_is_a_folder(capsys, tmp_path):
+    inp = _external(tmp_path, write_data=False)
+    (tmp_path / "w.bin").mkdir()
+    _refused(capsys, tmp_path, inp, 3, "'w.bin' is a folder, not a file")
+
+
 def test_external_data_short(capsys, tmp_path):
     _refused(capsys, tmp_path, _external(tmp_path, short=True), 3, "too short", "file has 12")
 

@@ -230,6 +230,9 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path | None) -> None:
             raise ModelError(f"external data location {loc!r} resolves to {str(target)!r}, outside the model's folder "
                              "(a symlink?)", where=where,
                              hint="copy the data file into the model's folder instead of linking to it")
+        if target.is_dir():
+            raise ModelError(f"external data location {loc!r} is a folder, not a file", where=where,
+                             hint="the location must name the data file itself; re-save the model")
         if not target.is_file():
             raise ModelError(f"external data file {loc!r} is missing", where=where,
                              hint=f"put {loc!r} next to the model in {str(root)!r}")
