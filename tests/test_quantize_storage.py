@@ -181,3 +181,30 @@ def test_an_initializer_read_by_both_if_branches_is_decoded_in_the_main_graph(bi
     for feed in ({"x": x}, {"x": -x}):  # the two branches
         ref, out = builders.run(m, feed)[0], builders.run(res.model, feed)[0]
         assert float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.99
+
+
+def test_int8_without_data_stores_a_conv_weight_read_by_both_if_branches_in_the_main_graph():
+    """int8 without calibration data stores Conv weights as int8 (size only) through the same
+    decode placement as --storage: a weight both If branches read is decoded in the main graph."""
+    from onnxcompress.quantize.config import QuantizeInt8Config
+
+    rng = np.random.default_rng(1)
+    w = (0.3 * rng.standard_normal((4, 3, 3, 3))).astype(np.float32)
+    vi = helper.make_tensor_value_info
+    branch = [helper.make_graph([helper.make_node("Conv", ["x", "w"], [f"{b}_out"], name=f"{b}_conv", pads=[1] * 4)]
+                                + ([helper.make_node("Neg", [f"{b}_out"], ["e_neg"], name="else_neg")] if b == "e" else []),
+                                b, [], [vi("e_neg" if b == "e" else f"{b}_out", TensorProto.FLOAT, None)])
+              for b in ("t", "e")]
+    g = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="rs"),
+                           helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+                           helper.make_node("If", ["c"], ["y"], then_branch=branch[0], else_branch=branch[1], name="if")],
+                          "g", [vi("x", TensorProto.FLOAT, [1, 3, 8, 8])], [vi("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    res = compress(m, Recipe(steps=(QuantizeInt8Config(mode="dynamic", keep_first_last=False),)))
+    onnx.checker.check_model(res.model, full_check=True)
+    assert not any(t.name == "w" for t in res.model.graph.initializer)
+    x = np.abs(rng.standard_normal((1, 3, 8, 8))).astype(np.float32)
+    for feed in ({"x": x}, {"x": -x}):
+        ref, out = builders.run(m, feed)[0], builders.run(res.model, feed)[0]
+        assert float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.99

@@ -42,7 +42,7 @@ from onnxcompress.errors import CalibrationError
 from onnxcompress.graph.naming import Namer
 from onnxcompress.graph.query import (const_value, consumers, is_constant, is_graph_io, iter_graphs, iter_weights,
                                       name_matches)
-from onnxcompress.graph.rewrite import disconnect, replace_all_uses, replace_output
+from onnxcompress.graph.rewrite import disconnect, replace_output
 from onnxcompress.passes.base import Pass, PassResult, cleanup_graph
 from onnxcompress.quantize import policy
 from onnxcompress.quantize.calibrate import Calibrator, collect_stats, model_fingerprint
@@ -53,7 +53,7 @@ from onnxcompress.quantize.params import (QParams, affine_params, bias_safe_weig
 from onnxcompress.quantize.plan import Plan, TensorPlan
 from onnxcompress.quantize.qdq import QDQBuilder
 from onnxcompress.quantize.smoothquant import apply_smoothing, smooth_candidates, smooth_check
-from onnxcompress.quantize.storage import encode_weight, storage_check, weight_axis
+from onnxcompress.quantize.storage import storage_check, store_weight, weight_axis
 
 __all__ = ["QuantizeInt8Pass"]
 
@@ -205,7 +205,7 @@ class QuantizeInt8Pass(Pass):
             gname = g.name if g is not graph else ""
             reason = self._excluded(node) or ("first or last layer (--keep-first-last)" if id(node) in skip_ends else None)
             if reason is None and storage_only:
-                reason = self._weight_storage(node, g, namer, plan, res, why, gname)
+                reason = self._weight_storage(node, g, graph, namer, plan, res, why, gname)
                 if reason is None:
                     continue
             elif reason is None and node.op in ("MatMul", "Gemm"):
@@ -217,7 +217,7 @@ class QuantizeInt8Pass(Pass):
                     res.changed(f"{name}: dynamic int8")
                     continue
             elif reason is None and cfg.conv_storage:
-                reason = self._weight_storage(node, g, namer, plan, res, why, gname)
+                reason = self._weight_storage(node, g, graph, namer, plan, res, why, gname)
                 if reason is None:
                     continue
             elif reason is None:
@@ -225,17 +225,16 @@ class QuantizeInt8Pass(Pass):
             res.skip(node.name or node.op, "quantize_int8", reason)
             plan.nodes.append(_entry(node.name, node.op, "float", reason, None, gname))
 
-    def _weight_storage(self, node, g, namer, plan, res, why, gname) -> str | None:
+    def _weight_storage(self, node, g, top, namer, plan, res, why, gname) -> str | None:
         from onnxcompress.graph.query import weight_ref
 
         w = weight_ref(node.inputs[1], g) if len(node.inputs) > 1 else None
         if w is None:
             return "its weight is not a constant"
-        reason = storage_check(w, tuple(policy.QUANTIZED), self.config.min_elements)
+        values, reason = storage_check(w, tuple(policy.QUANTIZED), self.config.min_elements)
         if reason:
             return reason
-        enc = encode_weight(g, namer, w.values, base=w.name, bits="int8", axis=weight_axis(node, len(w.shape)))
-        replace_all_uses(w.tensor, enc.output)
+        enc = store_weight(w, values, top, namer, bits="int8", axis=weight_axis(node, len(w.shape)))
         plan.nodes.append(_entry(node.name, node.op, "storage", why or "no int8 Conv kernel without calibration "
                                  "(ConvInteger is slow): weight stored as int8, decoded at load", enc.info, gname))
         res.changed(f"{node.name}: int8 weight storage")
@@ -265,7 +264,7 @@ class QuantizeInt8Pass(Pass):
         for n in weighted:
             reason = "first or last layer (--keep-first-last)" if id(n) in ends else self._check(n, graph)
             if reason is None and n.op in policy.STORAGE_ONLY:
-                reason = self._weight_storage(n, graph, namer, plan, res, policy.STORAGE_ONLY[n.op], "")
+                reason = self._weight_storage(n, graph, graph, namer, plan, res, policy.STORAGE_ONLY[n.op], "")
                 if reason is None:
                     continue
             if reason:

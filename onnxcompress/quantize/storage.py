@@ -34,13 +34,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.graph.naming import Namer
-from onnxcompress.graph.query import WeightRef, is_graph_io, iter_nodes, iter_weights
+from onnxcompress.graph.query import WeightRef, is_graph_io, iter_weights
 from onnxcompress.graph.rewrite import replace_all_uses
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.quantize.config import StorageConfig
 from onnxcompress.quantize.params import block_view, contiguous, nonfinite_reason
 
-__all__ = ["StoragePass", "EncodedWeight", "encode_weight", "weight_axis", "WEIGHT_SLOTS", "encode_values"]
+__all__ = ["StoragePass", "EncodedWeight", "encode_weight", "store_weight", "storage_check", "weight_axis",
+           "WEIGHT_SLOTS", "encode_values"]
 
 #: op type -> the input index that holds the weight
 WEIGHT_SLOTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
@@ -149,24 +150,39 @@ def _onnx_type(dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-def storage_check(w: WeightRef, ops: tuple[str, ...], min_elements: int) -> str | None:
-    """May ``w`` be stored as integers? None if yes, else the reason."""
+def storage_check(w: WeightRef, ops: tuple[str, ...], min_elements: int) -> tuple[np.ndarray | None, str | None]:
+    """May ``w`` be stored as integers? ``(values, None)`` if yes, else ``(None, reason)``.
+
+    The values are read once, after the checks that need none of them, and only for the finiteness
+    check and the encoding that follows (an external weight is read from disk on each access)."""
     if w.size < min_elements:
-        return f"{w.size} elements < min_elements {min_elements}"
+        return None, f"{w.size} elements < min_elements {min_elements}"
     if w.dtype not in (np.float32, np.float16):
-        return f"dtype {w.dtype} is not float32/float16"
+        return None, f"dtype {w.dtype} is not float32/float16"
     if is_graph_io(w.tensor, w.graph):
-        return "it is a graph output"
-    bad = nonfinite_reason(w.values, "it")
-    if bad:
-        return bad
+        return None, "it is a graph output"
     for c in w.consumers:
         slot = WEIGHT_SLOTS.get(c.op)
         if c.op not in ops or slot is None or len(c.inputs) <= slot or c.inputs[slot] is not w.tensor:
-            return f"read by {c.op} {c.name!r} outside a weight slot of {', '.join(ops)}"
+            return None, f"read by {c.op} {c.name!r} outside a weight slot of {', '.join(ops)}"
         if any(i != slot and t is w.tensor for i, t in enumerate(c.inputs)):
-            return f"read twice by {c.op} {c.name!r}"
-    return None
+            return None, f"read twice by {c.op} {c.name!r}"
+    values = w.values
+    bad = nonfinite_reason(values, "it")
+    return (None, bad) if bad else (values, None)
+
+
+def store_weight(w: WeightRef, values: np.ndarray, top: gs.Graph, namer: Namer, **encoding) -> EncodedWeight:
+    """Encode ``w`` (:func:`encode_weight`) and make every reader read the decoded tensor.
+
+    The decode goes where every reader sees it: in ``w``'s graph, or, for an initializer read from
+    several graphs (both branches of an If), in ``top``, whose scope they all see. Found in the branch
+    that listed it first, it would be invisible to the other branch (an invalid model)."""
+    here = {id(n) for n in w.graph.nodes}
+    where = w.graph if w.node is not None or all(id(c) in here for c in w.consumers) else top
+    enc = encode_weight(where, namer, values, base=w.name, **encoding)
+    replace_all_uses(w.tensor, enc.output)
+    return enc
 
 
 class StoragePass(Pass):
@@ -178,21 +194,16 @@ class StoragePass(Pass):
         res = PassResult()
         namer = Namer.for_graph(graph)
         plan = []
-        home = {id(n): g for n, g in iter_nodes(graph)}
         for w in list(iter_weights(graph, float_only=True)):
             if not any(c.op in WEIGHT_SLOTS for c in w.consumers):
                 continue
-            reason = storage_check(w, cfg.ops, cfg.min_elements)
+            values, reason = storage_check(w, cfg.ops, cfg.min_elements)
             if reason:
                 res.skip(w.name, "storage", reason)
                 plan.append({"weight": w.name, "stored": False, "reason": reason})
                 continue
             axis = weight_axis(w.consumers[0], len(w.shape))
-            # the decode goes where every reader sees it: an initializer read from two If branches is
-            # decoded in the main graph (outer scope), not in the branch that found it first
-            where = w.graph if w.node is not None or all(home.get(id(c)) is w.graph for c in w.consumers) else graph
-            enc = encode_weight(where, namer, w.values, base=w.name, bits=cfg.bits, axis=axis, block=cfg.block)
-            replace_all_uses(w.tensor, enc.output)
+            enc = store_weight(w, values, graph, namer, bits=cfg.bits, axis=axis, block=cfg.block)
             info = {"weight": w.name, "stored": True, "kind": w.kind, "shape": list(w.shape), **enc.info}
             if cfg.block and not enc.info["block"]:
                 info["note"] = f"length along the channel is not a multiple of {cfg.block}: one scale per channel"
