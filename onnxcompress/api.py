@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,55 +216,34 @@ KNOWN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.
 
 
 def _custom_ops(model: onnx.ModelProto) -> dict[str, int]:
-    """``{"domain:Op": count}`` of the nodes (subgraphs and functions included) of custom domains."""
-    found: dict[str, int] = {}
+    """``{"domain:Op": count}`` of the nodes (subgraphs and functions included) of custom domains; a
+    model-local function is not a custom op."""
+    from onnxcompress.graph.io import iter_graph_protos
 
-    def walk(nodes) -> None:
-        for n in nodes:
-            if n.domain not in KNOWN_DOMAINS and not any(f.name == n.op_type and f.domain == n.domain
-                                                         for f in model.functions):
-                key = f"{n.domain}:{n.op_type}"
-                found[key] = found.get(key, 0) + 1
-            for a in n.attribute:
-                walk(a.g.node if a.type == onnx.AttributeProto.GRAPH else ())
-                for g in a.graphs:
-                    walk(g.node)
-
-    walk(model.graph.node)
-    for f in model.functions:
-        walk(f.node)
-    return found
+    local = {(f.domain, f.name) for f in model.functions}
+    nodes = [n for g in iter_graph_protos(model.graph) for n in g.node] + [n for f in model.functions for n in f.node]
+    return dict(Counter(f"{n.domain}:{n.op_type}" for n in nodes
+                        if n.domain not in KNOWN_DOMAINS and (n.domain, n.op_type) not in local))
 
 
 def _verify(src: ModelSource, out: onnx.ModelProto, recipe: Recipe, ctx: Context, lossless: bool):
-    from onnxcompress.data import FeedsUsedUp
     from onnxcompress.verify import LOSSY_RANDOM, compare_models, policy_for
     from onnxcompress.verify.tolerance import overridden
 
     v = recipe.verify
     tol = policy_for("lossless" if lossless else "lossy")
     feeds = None
-    source = ctx.feeds(src.model)
+    source = ctx.feeds(src.model)  # re-readable: a one-shot source was spooled as calibration read it
     if source is not None:
-        try:
-            feeds = [f for _, f in zip(range(2), source)] or None
-        except FeedsUsedUp:
-            feeds = None  # a one-shot reader or generator was used up by calibration
-        if feeds is None and not getattr(source, "_one_shot", False):
+        feeds = [f for _, f in zip(range(2), source)]
+        if not feeds:
             raise CalibrationError("the calibration data holds no feeds", where="verify",
                                    hint="check that the --calib-data file has samples stacked on the first axis")
-        if feeds is None:
-            ctx.note("verification used seeded random inputs: the calibration data source could not be "
-                     "read a second time (pass an .npz, a folder or a list to verify on real data)")
-    if feeds is None and not lossless:
+    elif not lossless:
         tol = LOSSY_RANDOM
     tol = overridden(tol, atol=v.atol, rtol=v.rtol, min_cosine=v.min_cosine, min_top1=v.min_top1)
-    if feeds is None and not lossless and v.min_top1 is None and tol.min_top1 == 0:
-        if ctx.data is None:
-            ctx.note("verification ran on seeded random inputs, so top-1 agreement was reported, not enforced "
-                     "(random inputs sit near class boundaries); give --calib-data to check it on real data")
-        else:
-            ctx.note("on those random inputs top-1 agreement was reported, not enforced; a model calibrated on "
-                     "your data may also miss the cosine budget there, outside the ranges it was calibrated for")
+    if source is None and not lossless and v.min_top1 is None and tol.min_top1 == 0:
+        ctx.note("verification ran on seeded random inputs, so top-1 agreement was reported, not enforced "
+                 "(random inputs sit near class boundaries); give --calib-data to check it on real data")
     return compare_models(src.model, out, feeds=feeds, providers=v.providers, tolerance=tol, seed=recipe.seed,
                           batch=v.batch, ref_base_dir=src.base_dir, cand_base_dir=src.base_dir)

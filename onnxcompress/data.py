@@ -47,7 +47,6 @@ from onnxcompress.errors import CalibrationError, ModelError, RecipeError, did_y
 __all__ = [
     "InputSpec",
     "FeedSource",
-    "FeedsUsedUp",
     "read_model",
     "input_specs",
     "resolve_shapes",
@@ -444,10 +443,6 @@ def _table_rows(node: onnx.NodeProto, index: int, tables: dict[str, tuple[int, .
 # --------------------------------------------------------------------------------------------- sources
 
 
-class FeedsUsedUp(CalibrationError):
-    """A one-shot feed source (an iterator, a reader without ``rewind()``) was asked for its feeds again."""
-
-
 class FeedSource:
     """An iterable of feed dicts.
 
@@ -474,7 +469,7 @@ class FeedSource:
 
     def labeled(self) -> Iterator[tuple[str, Feed]]:
         if self._one_shot and self._used:
-            raise FeedsUsedUp(
+            raise CalibrationError(
                 f"{self.description} can be read only once and was already read",
                 where="feeds",
                 hint="pass a list, a file or a folder, or a reader with a rewind() method",
