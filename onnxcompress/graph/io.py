@@ -529,31 +529,25 @@ def _spill_proto(t: gs.Constant, tensor: onnx.TensorProto, folder: Path) -> int:
 
 
 def _read_external(t: onnx.TensorProto, base_dir: Path | None) -> bytes:
+    return b"".join(external_chunks(t, base_dir, chunk=None))
+
+
+def external_chunks(t: onnx.TensorProto, base_dir: Path | None, chunk: int | None = 1 << 20) -> Iterator[bytes]:
+    """The bytes of external tensor ``t``, ``chunk`` at a time (None: at once), so a multi-GB weight
+    can be hashed or copied without being held whole. Its path was checked when the model was opened;
+    a file shorter than the tensor is a ModelError."""
     info = _external_info(t)
-    offset = int(info.get("offset", 0) or 0)
     length = int(info["length"]) if "length" in info else _expected_nbytes(t)
-    with open(external_path(t, base_dir), "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise ModelError(f"external data for {t.name!r} is short: read {len(data)} of {length} bytes",
-                         where="load", hint="the data file is truncated; copy it again")
-    return data
-
-
-def hash_external(t: onnx.TensorProto, base_dir: Path | None, digest, chunk: int = 1 << 20) -> None:
-    """Feed the bytes of external tensor ``t`` to ``digest`` (a hashlib object), ``chunk`` at a time
-    (a multi-GB weight is never held whole). Its path was checked when the model was opened."""
-    info = _external_info(t)
-    left = int(info["length"]) if "length" in info else _expected_nbytes(t)
+    left = length
     with open(external_path(t, base_dir), "rb") as f:
         f.seek(int(info.get("offset", 0) or 0))
         while left > 0:
-            data = f.read(min(chunk, left))
+            data = f.read(left if chunk is None else min(chunk, left))
             if not data:
-                break
-            digest.update(data)
+                raise ModelError(f"external data for {t.name!r} is short: read {length - left} of {length} bytes",
+                                 where="load", hint="the data file is truncated; copy it again")
             left -= len(data)
+            yield data
 
 
 def _inline_external(model: onnx.ModelProto, base_dir: Path | None) -> None:

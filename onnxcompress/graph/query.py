@@ -36,7 +36,6 @@ __all__ = [
     "only_consumer",
     "weight_ref",
     "name_matches",
-    "unmatched_patterns",
     "unmatched_note",
     "FLOAT_DTYPES",
 ]
@@ -64,55 +63,37 @@ def name_matches(name: str, pattern: str) -> bool:
     return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
-def unmatched_patterns(patterns: Iterable[str], graph: gs.Graph, *, tensors: bool = False, ops: bool = False,
-                       names: Iterable[str] | None = None) -> list[str]:
-    """The entries of ``patterns`` that select nothing in ``graph`` or its subgraphs.
+def unmatched_note(step: str, flag: str, patterns: Iterable[str], graph: gs.Graph, *, ops: bool = False,
+                   names: Iterable[str] | None = None, what: str = "") -> str | None:
+    """The summary note for the entries of ``patterns`` (given as ``flag``) that select nothing in
+    ``graph`` or its subgraphs, with the closest selectable names; None when every entry selects
+    something.
 
-    A pattern selects a name (see :func:`name_matches`) among the node names — with ``tensors`` the
-    tensor names too — or among ``names`` when given (what the option can act on, such as the layers
-    that write a prunable group). With ``ops`` the entries are op types, compared exactly. An entry
-    that selects nothing is almost always a typo or a name from another export of the model, and it
-    would otherwise change nothing without a word: the caller reports it (:func:`unmatched_note`)."""
-    patterns = list(patterns)
-    if not patterns:
-        return []
-    known = _selectable(graph, tensors=tensors, ops=ops, names=names)
-    if ops:
-        return [p for p in patterns if p not in known]
-    return [p for p in patterns if not any(name_matches(n, p) for n in known)]
-
-
-def _selectable(graph: gs.Graph, *, tensors: bool, ops: bool, names: Iterable[str] | None) -> set[str]:
-    if names is not None:
-        return {n for n in names if n}
-    if ops:
-        return {n.op for n, _ in iter_nodes(graph)}
-    known = {n.name for n, _ in iter_nodes(graph) if n.name}
-    if tensors:
-        known |= {name for g in iter_graphs(graph) for name in g.tensors()}
-    return known
-
-
-def unmatched_note(step: str, flag: str, patterns: Iterable[str], graph: gs.Graph, *, tensors: bool = False,
-                   ops: bool = False, names: Iterable[str] | None = None, what: str = "") -> str | None:
-    """The summary note for the entries of ``patterns`` (given as ``flag``) that select nothing, with
-    the closest selectable names as suggestions; None when every entry selects something. ``what``
-    names the selectable things (default: node names, node or tensor names with ``tensors``)."""
+    An entry selects a name (see :func:`name_matches`) among the node names, or among ``names`` when
+    given (what the option can act on, such as the layers that write a prunable group; ``what`` says
+    what they are). With ``ops`` the entries are op types, compared exactly. An entry that selects
+    nothing is almost always a typo or a name from another export of the model, and it would
+    otherwise change nothing without a word."""
     import difflib
 
-    names = None if names is None else list(names)
-    missing = unmatched_patterns(patterns, graph, tensors=tensors, ops=ops, names=names)
+    patterns = list(patterns)
+    if names is not None:
+        known = {n for n in names if n}
+    else:
+        known = {n.op if ops else n.name for n, _ in iter_nodes(graph)} - {""}
+    if ops:
+        missing = [p for p in patterns if p not in known]
+    else:
+        missing = [p for p in patterns if not any(name_matches(n, p) for n in known)]
     if not missing:
         return None
-    known = _selectable(graph, tensors=tensors, ops=ops, names=names)
     listed = ", ".join(repr(p) for p in missing)
     one = len(missing) == 1
     if ops:
         text = (f"{step}: {flag} {listed}: no node of this model has {'that op type' if one else 'those op types'}, "
                 f"so {'it changes' if one else 'they change'} nothing")
     else:
-        what = what or ("node or tensor name of this model" if tensors else "node name of this model")
-        text = (f"{step}: {flag} {listed} {'matches' if one else 'match'} no {what}, so "
+        text = (f"{step}: {flag} {listed} {'matches' if one else 'match'} no {what or 'node name of this model'}, so "
                 f"{'it selects' if one else 'they select'} nothing (case-sensitive fnmatch globs)")
     close = sorted({c for p in missing for c in difflib.get_close_matches(p, sorted(known), n=3)})
     return text + (f"; close names: {', '.join(close[:5])}" if close else "")

@@ -85,7 +85,7 @@ class Pass(ABC):
         """Rewrite ``graph`` in place and say what changed."""
 
     def note_unmatched(self, ctx: "Context | None", graph: gs.Graph, option: str, patterns=None, *,
-                       tensors: bool = False, ops: bool = False, names=None, what: str = "") -> None:
+                       ops: bool = False, names=None, what: str = "") -> None:
         """Tell the user, in a summary note, which entries of the config field ``option`` (node-name
         patterns, or op types with ``ops``) select nothing in ``graph``; call it before the pass renames
         anything. ``patterns`` defaults to the field's value; ``names``/``what``: what it can select
@@ -97,8 +97,7 @@ class Pass(ABC):
 
         meta = next(f.metadata for f in fields(self.config) if f.name == option)
         values = getattr(self.config, option) if patterns is None else patterns
-        text = unmatched_note(self.name, meta.get("flag") or option, values, graph, tensors=tensors, ops=ops,
-                              names=names, what=what)
+        text = unmatched_note(self.name, meta.get("flag") or option, values, graph, ops=ops, names=names, what=what)
         if text and ctx is not None:
             ctx.note(text)
 

@@ -308,18 +308,15 @@ class Calibrator:
         if self.cache is None or not self.cache.is_file():
             return None
         data = load_cache(self.cache)
-        settings = dict(data.get("settings") or {})
-        fingerprinted = "model" in settings
-        model = settings.pop("model", None)
-        r = data["ranges"]
+        made, now, r = data.get("settings") or {}, self.settings(), data["ranges"]
         if data.get("method") != self.method:
             self.rejected = f"was made by the {data.get('method')} method"
-        elif not fingerprinted:
+        elif "model" not in made:
             self.rejected = "was made by an earlier onnxcompress, without the model's fingerprint"
-        elif model != self.model:
+        elif made["model"] != now["model"]:
             self.rejected = "was made for another model (or other weights)"
-        elif settings != {k: v for k, v in self.settings().items() if k != "model"}:
-            self.rejected = f"was made with other settings ({settings})"
+        elif made != now:
+            self.rejected = f"was made with other settings ({made})"
         elif any(n not in r for n in needed):
             self.rejected = "lacks some of this model's tensors"
         if self.rejected:
@@ -343,7 +340,7 @@ def model_fingerprint(model: onnx.ModelProto, base_dir=None) -> str:
     ``Constant`` values included), initializers, inputs and outputs, and the bytes of weights held
     in external data (read from ``base_dir`` a chunk at a time). Read part by part, so no second
     copy of the model is made."""
-    from onnxcompress.graph.io import hash_external, iter_node_tensors
+    from onnxcompress.graph.io import external_chunks, iter_node_tensors
 
     def tensors(part) -> list[onnx.TensorProto]:
         if isinstance(part, onnx.TensorProto):
@@ -372,7 +369,8 @@ def model_fingerprint(model: onnx.ModelProto, base_dir=None) -> str:
                 t.data_location = onnx.TensorProto.DEFAULT
         h.update(clone.SerializeToString())
         for t in ext:
-            hash_external(t, base_dir, h)
+            for data in external_chunks(t, base_dir):
+                h.update(data)
     return h.hexdigest()[:16]
 
 

@@ -195,13 +195,9 @@ def bias_safe_weight_scale(w_scale: np.ndarray, bias: np.ndarray, x_scale: float
     """
     ws = np.asarray(w_scale, dtype=np.float64)
     need = np.abs(np.asarray(bias, dtype=np.float64)).reshape(-1) / (max(float(x_scale), MIN_SCALE) * BIAS_LIMIT)
-    if ws.size == 1:
-        need = np.asarray(need.max() if need.size else 0.0)
-        need = need.reshape(ws.shape)
-    elif need.size != ws.size:
+    if ws.size > 1 and need.size != ws.size:  # a bias that is not one value per channel: left as it was
         return np.asarray(w_scale), 0
-    else:
-        need = need.reshape(ws.shape)
+    need = np.full(ws.shape, need.max(initial=0.0)) if ws.size == 1 else need.reshape(ws.shape)
     raised = int(np.count_nonzero(need > ws))
     return np.maximum(ws, need).astype(np.asarray(w_scale).dtype), raised
 
