@@ -47,8 +47,8 @@ from onnxcompress.errors import CalibrationError, ModelError, OnnxCompressError,
 from onnxcompress.verify.layers import analyse_layers, layer_session, shared_tensors
 from onnxcompress.verify.metrics import MetricAccumulator
 from onnxcompress.verify.report import OutputParity, ParityReport, ProviderRun
-from onnxcompress.verify.session import (DATA_FIT_HINT, ProviderChoice, feed_shapes, make_session, resolve_providers,
-                                         run_session)
+from onnxcompress.verify.session import (DATA_FIT_HINT, ProviderChoice, feed_shapes, make_session, one_line,
+                                         resolve_providers, run_session)
 from onnxcompress.verify.tolerance import LOSSLESS, Tolerance
 
 __all__ = ["compare_models", "output_steps"]
@@ -160,9 +160,9 @@ def compare_models(
         except Exception as exc:
             if given:  # the user's data does not fit the model: a data error (exit 2), like calibration's
                 raise CalibrationError(f"the reference model failed to run on it ({feed_shapes(feed)}): "
-                                       f"{_one_line(exc)}", where=label, hint=DATA_FIT_HINT) from exc
+                                       f"{one_line(exc)}", where=label, hint=DATA_FIT_HINT) from exc
             raise ModelError(
-                f"the reference model failed to run: {_one_line(exc)}",
+                f"the reference model failed to run: {one_line(exc)}",
                 where=label,
                 hint="check the feed's shapes against the model (--shape) and the model itself",
             ) from exc
@@ -172,7 +172,7 @@ def compare_models(
             try:
                 cand_out = run_session(session, feed)
             except Exception as exc:
-                run_problems[choice.short].append(f"the candidate failed to run on {label}: {_one_line(exc)}")
+                run_problems[choice.short].append(f"the candidate failed to run on {label}: {one_line(exc)}")
                 continue
             for name in outputs:
                 accumulators[choice.short][name].update(ref_out[name], cand_out.get(name))
@@ -180,7 +180,7 @@ def compare_models(
             try:
                 layer_out = run_session(cand_layers, feed, layer_names)
             except Exception as exc:
-                notes.append(f"layers: the exposed candidate failed to run on {label}: {_one_line(exc)}")
+                notes.append(f"layers: the exposed candidate failed to run on {label}: {one_line(exc)}")
                 cand_layers, layer_accumulators = None, {}
             else:
                 for name in layer_names:
@@ -256,10 +256,6 @@ def _candidate_sessions(
             continue
         active.append((choice, session))
     return active, skipped
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def output_steps(model: onnx.ModelProto, base_dir: str | None = None) -> dict[str, float]:

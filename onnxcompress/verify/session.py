@@ -43,6 +43,7 @@ __all__ = [
     "run_session",
     "run_on_data",
     "feed_shapes",
+    "one_line",
     "DATA_FIT_HINT",
     "uses_external_data",
     "EXTERNAL_FOLDER_KEY",
@@ -291,9 +292,13 @@ def run_on_data(session: ort.InferenceSession, feed: Mapping[str, np.ndarray], n
     except Exception as exc:  # onnxruntime's Fail / InvalidArgument / RuntimeException
         from onnxcompress.errors import CalibrationError
 
-        message = " ".join(str(exc).split())
         raise CalibrationError(f"onnxruntime failed on calibration batch {batch} ({feed_shapes(feed)}): "
-                               f"{message[:300]}", where=where, hint=DATA_FIT_HINT) from exc
+                               f"{one_line(exc)}", where=where, hint=DATA_FIT_HINT) from exc
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line, at most 300 characters (onnxruntime's span several)."""
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 #: the hint of every error raised when onnxruntime cannot run the model on the user's data
