@@ -58,20 +58,21 @@ def _const_slot(node: gs.Node, other: gs.Tensor) -> int | None:
     return slot if is_constant(node.inputs[slot]) else None
 
 
-def _decomposed(div: gs.Node) -> Norm | None:
+def _decomposed(div: gs.Node, graph: gs.Graph) -> Norm | None:
     """The decomposed LayerNorm ending at ``div`` (``x_centered / Sqrt(...)``), or None."""
     den = producer(div.inputs[1]) if len(div.inputs) == 2 else None
     if den is None or den.op != "Sqrt":
         return None
     readers = consumers(div.outputs[0])
-    if len(readers) != 1 or readers[0].op != "Mul" or _const_slot(readers[0], div.outputs[0]) is None:
+    slot = _const_slot(readers[0], div.outputs[0]) if len(readers) == 1 and readers[0].op == "Mul" else None
+    if slot is None:
         return None
     mul = readers[0]
-    gamma = (mul, _const_slot(mul, div.outputs[0]))
+    gamma = (mul, slot)
     y, beta, foldable = mul.outputs[0], None, True
     adds = [c for c in consumers(y) if c.op == "Add" and _const_slot(c, y) is not None]
     if len(adds) == 1:  # the bias; if the scaled value is read elsewhere too, the scale cannot take 1/s
-        foldable = len(consumers(y)) == 1
+        foldable = len(consumers(y)) == 1 and not is_graph_io(y, graph)
         beta, y = (adds[0], _const_slot(adds[0], y)), adds[0].outputs[0]
     return Norm(div.name or y.name, y, gamma, beta, div, foldable)
 
@@ -84,7 +85,7 @@ def smooth_candidates(graph: gs.Graph) -> list[Norm]:
             beta = (n, 2) if len(n.inputs) > 2 and n.inputs[2].name else None
             out.append(Norm(n.name or n.outputs[0].name, n.outputs[0], (n, 1), beta, n))
         elif n.op == "Div":
-            norm = _decomposed(n)
+            norm = _decomposed(n, graph)
             if norm is not None:
                 out.append(norm)
     return out
@@ -102,8 +103,6 @@ def smooth_check(norm: Norm, graph: gs.Graph) -> str | None:
     y = norm.y
     if is_graph_io(y, graph):
         return "its output is a graph output"
-    if norm.foldable and is_graph_io(norm.gamma[0].outputs[0], graph):
-        norm.foldable = False  # the scaled value is an output too: leave the scale, smooth with a Mul
     readers = [r for r in consumers(y) if r.op in ("MatMul", "Gemm")]
     if not readers:
         return "no MatMul/Gemm reads its output"
