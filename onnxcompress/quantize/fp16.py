@@ -215,6 +215,7 @@ class ConvertFp16Pass(Pass):
         # stays float32 (an input passed through to an output, say, stays exact)
         movers = {id(n): n for g in graphs for n in g.nodes if n.op in _MOVES and id(n) in st.half_nodes}
         st.half_nodes -= set(movers)
+        io = {id(t) for g in graphs for t in (*g.inputs, *g.outputs)}
         grown = True
         while grown:
             grown = False
@@ -222,7 +223,7 @@ class ConvertFp16Pass(Pass):
                 readers = [c for o in node.outputs for c in o.outputs]
                 if any(t.inputs and id(t.inputs[0]) in st.half_nodes for t in node.inputs) or (
                         readers and all(id(c) in st.half_nodes for c in readers)
-                        and not any(_is_io(o, graphs) for o in node.outputs)):
+                        and not any(id(o) in io for o in node.outputs)):
                     st.half_nodes.add(key)
                     del movers[key]
                     grown = True
