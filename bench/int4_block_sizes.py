@@ -3,8 +3,8 @@
 ``bench/quantize_lowbit.py`` compares at block size 32. This script repeats the comparison at block
 sizes 32, 64 and 128 and accuracy levels 0 and 4 on the three bundled digits models: onnxruntime
 ``MatMulNBitsQuantizer`` (RTN, asymmetric) against our ``--int4`` preset without calibration data
-(``rtn``, the default, and ``search``, each with the input layer in 8 bits — the default — or in 4
-bits), against ``--int4`` restricted to the layers onnxruntime quantizes (``ort layers``: its
+(``rtn``, ``hqq`` and ``search``, with the input layer in 8 bits — the default — and rtn also in 4
+bits; the default method is rtn at block 32 and hqq from 64), against ``--int4`` restricted to the layers onnxruntime quantizes (``ort layers``: its
 MatMuls only, the input layer in 4 bits; Gemm nodes excluded by name), and against ``--int4`` with the
 256 calibration samples (``with data``: the default method then is GPTQ).
 
@@ -19,7 +19,9 @@ Per model, block size and level it reports, for onnxruntime, the default and ``w
 * which test samples change class, with fp32's margin there;
 * accuracy, agreement with fp32 and the paired comparison on a larger, harder population: the test
   split and 60 noisy copies of it (27,450 samples, ``datasets.noisy_test_feeds``), with the rows where
-  either of ours differs significantly from onnxruntime (exact McNemar, p < 0.05) listed.
+  either of ours differs significantly from onnxruntime (exact McNemar, p < 0.05) listed;
+* on the transformer, CPU latency against fp32 (one thread; batch 1 and 64) of onnxruntime's RTN,
+  rtn and hqq: what hqq's shift ops cost.
 
     python bench/int4_block_sizes.py                 # prints the tables
     python bench/int4_block_sizes.py --write-docs    # ... and writes them into docs/benchmarks.md
@@ -31,16 +33,17 @@ import argparse
 import dataclasses
 import datetime
 import logging
-from math import comb
 
 import numpy as np
 import onnx
 
 from _docs import machine, write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+from onnxcompress.quantize.int4 import HQQ_MIN_BLOCK
+from onnxcompress.verify.metrics import mcnemar_p
 
 SECTION = "int4-block-sizes"
 MODELS = ("mlp", "cnn", "transformer")
-VARIANTS = (("rtn", 8), ("rtn", 4), ("search", 8), ("search", 4))
+VARIANTS = (("rtn", 8), ("rtn", 4), ("hqq", 8), ("search", 8))
 HELD_OUT = "train"  # neither the test split nor the calibration data
 NOISY = "noisy"  # the test split and NOISY_COPIES noisy copies (datasets.noisy_test_feeds)
 NOISY_COPIES = 60  # 27,450 samples: 10 copies (4,950) could not tell a 0.2-point difference from noise
@@ -56,14 +59,6 @@ def logits(model: onnx.ModelProto, feeds: dict[str, dict[str, np.ndarray]]) -> d
         (name, x), = feed.items()
         out[split] = np.concatenate([s.run(None, {name: x[i:i + 512]})[0] for i in range(0, len(x), 512)])
     return out
-
-
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value: P(a split of the b + c discordant samples at least this uneven)."""
-    n, k = b + c, min(b, c)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 def ort_model(path: str, block: int, level: int) -> onnx.ModelProto:
@@ -86,6 +81,33 @@ def our_model(path: str, block: int, level: int, method: str, first_bits: int,
                                       exclude=exclude)
                   if s.name == "quantize_int4" else s for s in recipe.steps)
     return compress(path, recipe.replace(steps=steps), data=data).model
+
+
+def timings(path: str, block: int, level: int, fp32: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """Latency against fp32 (batch 1, batch 64) of onnxruntime's RTN, rtn/8 and hqq/8, timed side by side
+    with bench/quantize.py's latency() (interleaved rounds, fastest round kept, one thread)."""
+    import importlib.util
+    import os
+    import sys
+    import tempfile
+
+    from onnxcompress.datasets import digits_feeds
+
+    spec = importlib.util.spec_from_file_location("bench_quantize", os.path.join(os.path.dirname(__file__),
+                                                                                  "quantize.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_quantize", mod)
+    spec.loader.exec_module(mod)
+    models = {"fp32": fp32, "ort": ort_model(path, block, level), "rtn/8": our_model(path, block, level, "rtn", 8),
+              "hqq/8": our_model(path, block, level, "hqq", 8)}
+    (name, x), = digits_feeds(fp32, "test").items()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for k, m in models.items():
+            paths[k] = os.path.join(tmp, k.replace("/", "_") + ".onnx")
+            onnx.save(m, paths[k])
+        t = mod.latency(paths, {name: x[:1]}, {name: x[:64]}, rounds=7, reps=200)
+    return {k: (v[0] / t["fp32"][0], v[1] / t["fp32"][1]) for k, v in t.items() if k != "fp32"}
 
 
 class Scorer:
@@ -136,11 +158,13 @@ def run() -> list[dict]:
                     row[f"{method}/{bits}"] = score(our_model(path, block, level, method, bits))
                 row["ort layers"] = score(our_model(path, block, level, "rtn", 4, exclude=gemms))
                 row["with data"] = score(our_model(path, block, level, "auto", 8, data=calib))
-                d = row["rtn/8"]
+                row["default"] = d = row["rtn/8" if block < HQQ_MIN_BLOCK else "hqq/8"]
+                if name == "transformer":
+                    row["latency"] = timings(path, block, level, fp32)
                 row["b"] = int(np.sum(ort_s["correct"] & ~d["correct"]))
                 row["c"] = int(np.sum(~ort_s["correct"] & d["correct"]))
                 rows.append(row)
-                print({k: (v["acc"] if isinstance(v, dict) else v) for k, v in row.items()}, flush=True)
+                print({k: (v["acc"] if isinstance(v, dict) and "acc" in v else v) for k, v in row.items()}, flush=True)
     return rows
 
 
@@ -149,9 +173,10 @@ def render(rows: list[dict], command: str) -> str:
     out = ["### int4 across block sizes", "",
            f"Machine: {machine()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
            f"Command: `{command}`.", "",
-           "Accuracy on the fixed 450-sample test split. `rtn/8` is the default `--int4` without calibration "
-           "data (round to nearest, input layer in 8 bits); `search` is the per-block clipping search; `/4`: the "
-           "input layer in 4 bits too; `ort layers`: `rtn/4` on only the layers onnxruntime quantizes (MatMul; "
+           "Accuracy on the fixed 450-sample test split. `--int4` without calibration data, the input layer in 8 "
+           "bits (`/8`, the default) or 4 (`/4`): `rtn` rounds to nearest (the default at block 32), `hqq` "
+           "optimizes the zero points (half-quadratic, the default from block 64), `search` is the per-block "
+           "clipping search; `ort layers`: `rtn/4` on only the layers onnxruntime quantizes (MatMul; "
            "its quantizer leaves Gemm in float, so on the MLP, whose layers are all Gemm, its output is the fp32 "
            "model); `with data`: the default `--int4` given the 256 calibration samples (GPTQ). **Bold**: below "
            "onnxruntime.", "",
@@ -161,7 +186,7 @@ def render(rows: list[dict], command: str) -> str:
         cells = [f"**{r[c]['acc']:.4f}**" if r[c]["acc"] < r["ort"]["acc"] - 1e-9 else f"{r[c]['acc']:.4f}"
                  for c in cols]
         out.append(f"| {r['model']} | {r['block']} | {r['level']} | {r['ort']['acc']:.4f} | " + " | ".join(cells) + " |")
-    out += ["", "Against fp32, onnxruntime RTN / the default `rtn/8` / `with data`: logit mean squared error on the "
+    out += ["", "Against fp32, onnxruntime RTN / the default (`rtn/8` at block 32, `hqq/8` from 64) / `with data`: logit mean squared error on the "
             "train split (1091 samples held out from both the test split and the calibration data), samples whose "
             "top-1 class differs from fp32's (train; test), file bytes; "
             "and the paired test comparison of the default with onnxruntime (`b/c`: samples only onnxruntime / "
@@ -171,7 +196,7 @@ def render(rows: list[dict], command: str) -> str:
             "|---|---|---|---|---|---|---|---|"]
     misses, data_misses = [], []
     for r in rows:
-        o, d, g = r["ort"], r["rtn/8"], r["with data"]
+        o, d, g = r["ort"], r["default"], r["with data"]
         p = mcnemar_p(r["b"], r["c"])
         out.append(f"| {r['model']} | {r['block']} | {r['level']} | {o['val_mse']:.4f} / {d['val_mse']:.4f} / "
                    f"{g['val_mse']:.4f} | {o['val_flips']} / {d['val_flips']} / {g['val_flips']}; {o['flips']} / "
@@ -184,11 +209,11 @@ def render(rows: list[dict], command: str) -> str:
         if g["acc"] < o["acc"] - 1e-9:
             data_misses.append(f"{r['model']} block {r['block']} level {r['level']} ({g['acc']:.4f} vs {o['acc']:.4f}; "
                                f"logit MSE {g['val_mse']:.4f} vs {o['val_mse']:.4f})")
-    out += ["", "The default (`rtn/8`) is below onnxruntime's RTN on the test split at: "
+    out += ["", "The default is below onnxruntime's RTN on the test split at: "
             + ("; ".join(misses) if misses else "none") + ".",
             "", "With calibration data (`with data`) it is below at: "
             + ("; ".join(data_misses) if data_misses else "none") + "."]
-    return "\n".join(out + render_flips(rows) + render_noisy(rows)) + "\n"
+    return "\n".join(out + render_flips(rows) + render_noisy(rows) + render_latency(rows)) + "\n"
 
 
 def render_noisy(rows: list[dict]) -> list[str]:
@@ -196,16 +221,16 @@ def render_noisy(rows: list[dict]) -> list[str]:
     n = 450 * (NOISY_COPIES + 1)
     out = ["", f"The test split and {NOISY_COPIES} noisy copies of it (`datasets.noisy_test_feeds`: every pixel + "
            f"N(0, 2²) levels, rounded, clipped to 0..16; {n:,} samples): accuracy and top-1 agreement with fp32 for "
-           "onnxruntime RTN / the default / with data, and the paired comparison of each of ours with onnxruntime "
+           "onnxruntime RTN / the default / with data, and the paired comparison with onnxruntime of the default, "
+           "of `rtn/8` (the default at block 32; what hqq replaced from 64) and of with data "
            "(`b/c`: samples only onnxruntime / only ours gets right; exact McNemar p).", "",
-           "| model | block | level | fp32 | accuracy | agreement with fp32 | default vs onnxruntime | with data vs "
-           "onnxruntime |", "|---|---|---|---|---|---|---|---|"]
-    significant = {("default", "below"): [], ("default", "above"): [], ("with data", "below"): [],
-                   ("with data", "above"): []}
+           "| model | block | level | fp32 | accuracy | agreement with fp32 | default vs onnxruntime | rtn/8 vs "
+           "onnxruntime | with data vs onnxruntime |", "|---|---|---|---|---|---|---|---|---|"]
+    significant = {(k, side): [] for k in ("default", "rtn/8", "with data") for side in ("below", "above")}
     for r in rows:
-        o, d, g = r["ort"], r["rtn/8"], r["with data"]
+        o, d, g = r["ort"], r["default"], r["with data"]
         pairs = []
-        for name, s in (("default", d), ("with data", g)):
+        for name, s in (("default", d), ("rtn/8", r["rtn/8"]), ("with data", g)):
             b, c = int(np.sum(o["noisy_correct"] & ~s["noisy_correct"])), int(np.sum(~o["noisy_correct"] & s["noisy_correct"]))
             p = mcnemar_p(b, c)
             pairs.append(f"{b}/{c}, p = {p:.3f}")
@@ -215,7 +240,7 @@ def render_noisy(rows: list[dict]) -> list[str]:
                     f"p = {p:.3f})")
         out.append(f"| {r['model']} | {r['block']} | {r['level']} | {r['fp32_noisy_acc']:.4f} | {o['noisy_acc']:.4f} / "
                    f"{d['noisy_acc']:.4f} / {g['noisy_acc']:.4f} | {o['noisy_agree']:.4f} / {d['noisy_agree']:.4f} / "
-                   f"{g['noisy_agree']:.4f} | {pairs[0]} | {pairs[1]} |")
+                   f"{g['noisy_agree']:.4f} | {pairs[0]} | {pairs[1]} | {pairs[2]} |")
     out.append("")
     for (name, side), where in significant.items():
         out.append(f"- `{name}` significantly {side} onnxruntime (p < 0.05): {'; '.join(where) if where else 'nowhere'}.")
@@ -234,8 +259,8 @@ def render_flips(rows: list[dict]) -> list[str]:
     out = ["", "Test samples whose top-1 class differs from fp32's: `index (fp32 margin, rank)`, where the margin "
            "is fp32's top-1 logit minus its runner-up and the rank orders the 450 test samples by margin (#1: the "
            "one closest to a class boundary).", "",
-           "| model | block | level | onnxruntime RTN | default `rtn/8` | with data |", "|---|---|---|---|---|---|"]
-    worst = {c: 0 for c in ("ort", "rtn/8", "with data")}
+           "| model | block | level | onnxruntime RTN | default | with data |", "|---|---|---|---|---|---|"]
+    worst = {c: 0 for c in ("ort", "default", "with data")}
     for r in rows:
         if not any(r[c]["flipped"] for c in worst):
             continue
@@ -244,6 +269,18 @@ def render_flips(rows: list[dict]) -> list[str]:
             worst[c] = max([worst[c]] + [k for _, _, k in r[c]["flipped"]])
     out += ["", "Largest margin rank of a flipped test sample over all rows: onnxruntime RTN #{}, default #{}, with "
             "data #{}.".format(*worst.values())]
+    return out
+
+
+def render_latency(rows: list[dict]) -> list[str]:
+    out = ["", "Transformer latency against fp32 (one thread; batch 1 / batch 64; interleaved rounds, fastest kept): "
+           "onnxruntime RTN, `rtn/8` and `hqq/8` (hqq adds ReduceSum, Mul or Reshape + MatMul, and Add per layer).", "",
+           "| block | level | onnxruntime RTN | rtn/8 | hqq/8 |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "latency" in r:
+            lat = r["latency"]
+            out.append(f"| {r['block']} | {r['level']} | " + " | ".join(
+                f"{lat[k][0]:.2f} / {lat[k][1]:.2f}" for k in ("ort", "rtn/8", "hqq/8")) + " |")
     return out
 
 

@@ -12,13 +12,16 @@ from onnxcompress.graph.io import graph_to_model, model_to_graph, open_model
 from onnxcompress.passes.base import Pipeline
 
 
-def apply_pass(model: onnx.ModelProto, pass_obj, *, data=None):
-    """Run one pass through the Pipeline; return (checked model, PassResult)."""
+def apply_pass(model: onnx.ModelProto, pass_obj, *, data=None, notes: list | None = None):
+    """Run one pass through the Pipeline; return (checked model, PassResult). ``notes`` (a list) gets the
+    run's summary notes."""
     src = open_model(model)
     graph = model_to_graph(src)
     with Context(data=data) as ctx:
         ctx.original = src
         result = Pipeline([pass_obj]).run(graph, ctx)[0]
+        if notes is not None:
+            notes.extend(ctx.notes)
     out = graph_to_model(graph, src.model)
     onnx.checker.check_model(out, full_check=True)
     return out, result

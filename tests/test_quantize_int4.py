@@ -12,7 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 import builders
 from lowbit_helpers import apply_pass, cuda_available, op_counts, run1, skip_reasons
 from onnxcompress.quantize.gptq import gptq_quantize
-from onnxcompress.quantize.int4 import QuantizeInt4Config, QuantizeInt4Pass, quantize_blocks
+from onnxcompress.quantize.int4 import QuantizeInt4Config, QuantizeInt4Pass, hqq_blocks, quantize_blocks
+from onnxcompress.errors import RecipeError
+from onnxcompress.verify.metrics import mcnemar_p
 
 MS_NBITS = "com.microsoft::MatMulNBits"
 
@@ -267,7 +269,7 @@ def test_weight_shared_by_two_matmuls_is_quantized_once():
 
 def test_excluded_by_name_and_qdq_below_opset_21():
     m = builders.mlp((64, 64, 10))
-    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(exclude=("MatMul_1",), min_elements=0)))
+    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(exclude=("MatMul_1",), min_elements=0, method="rtn")))
     assert op_counts(out)[MS_NBITS] == 1 and op_counts(out)["MatMul"] == 1
     assert "excluded by name" in skip_reasons(res)
     out, res = apply_pass(m, QuantizeInt4Pass(_cfg(format="qdq", min_elements=0)))
@@ -290,40 +292,82 @@ def test_constant_node_and_if_subgraph_weights(variant):
     assert _lossless(expect, run1(out, {"x": x}))
 
 
-@pytest.mark.parametrize("accuracy_level", [0, 4])
-@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
-def test_digits_accuracy_not_below_onnxruntime_rtn(name, accuracy_level):
-    """The data-free ``--int4`` preset (lossless prefix, int4, embeddings, compact storage) against
-    onnxruntime's RTN at the same block size (32) and accuracy level. onnxruntime's tool quantizes
-    MatMul nodes only (the MLP's three Gemm, the CNN's Gemm and the transformer's two attention output
-    projections stay float there); ours quantizes Gemm too (the output layer stays float: keep_last)
-    and keeps the transformer's input layer and embedding table in 8 bits."""
+def _ours_and_ort(name: str, block: int, accuracy_level: int):
+    """fp32, the data-free ``--int4`` preset's result, and onnxruntime's RTN at the same block size and level."""
     import dataclasses
 
     from lowbit_helpers import bundled
 
     import onnxcompress as oc
-    from onnxcompress import datasets
 
     fp32 = bundled(name)
     pytest.importorskip("onnx_ir", reason="onnxruntime's MatMulNBitsQuantizer needs onnx-ir")
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    recipe = oc.Recipe.from_cli(["--int4", "--int4-accuracy-level", str(accuracy_level)])
+    recipe = oc.Recipe.from_cli(["--int4", "--int4-accuracy-level", str(accuracy_level), "--int4-block-size",
+                                 str(block)])
     recipe = dataclasses.replace(recipe, verify=dataclasses.replace(recipe.verify, enabled=False))
     result = oc.compress(fp32, recipe)
-    ours = result.model
-    if name != "cnn":  # the summary says how to get the better rounding
-        assert any(n.startswith("quantize_int4: no calibration data, so round-to-nearest") for n in result.report.notes)
-    q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(fp32.SerializeToString()), block_size=32,
+    q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(fp32.SerializeToString()), block_size=block,
                              is_symmetric=False, accuracy_level=accuracy_level)
     q.process()
-    theirs = q.model.model
+    return fp32, result, q.model.model
+
+
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+@pytest.mark.parametrize("name,block", [("mlp", 32), ("cnn", 32), ("transformer", 32), ("mlp", 64),
+                                        ("transformer", 64)])
+def test_digits_accuracy_not_below_onnxruntime_rtn(name, block, accuracy_level):
+    """The data-free ``--int4`` preset (lossless prefix, int4, embeddings, compact storage) against
+    onnxruntime's RTN at the same block size and accuracy level, on the test split. onnxruntime's tool
+    quantizes MatMul nodes only (the MLP's three Gemm, the CNN's Gemm and the transformer's two attention
+    output projections stay float there); ours quantizes Gemm too (the output layer stays float:
+    keep_last) and keeps the transformer's input layer and embedding table in 8 bits. Block 32 rounds
+    to nearest; from 64 on, without data, the zero points are hqq's (with rtn the transformer fell below
+    onnxruntime there: bench/int4_block_sizes.py)."""
+    from onnxcompress import datasets
+
+    fp32, result, theirs = _ours_and_ort(name, block, accuracy_level)
+    ours = result.model
+    if name != "cnn":  # the summary says how it rounded and how to get the better rounding
+        how = "round-to-nearest" if block < 64 else "half-quadratic zero points (hqq)"
+        assert any(n.startswith(f"quantize_int4: no calibration data, so {how}; give calibration data")
+                   for n in result.report.notes)
+        methods = {lay["method"] for st in result.report.steps if st.name == "quantize_int4"
+                   for lay in st.details["layers"] if lay["bits"] == 4}
+        assert methods == {"rtn" if block < 64 else "hqq"}
     acc = {k: datasets.digits_accuracy(v) for k, v in (("fp32", fp32), ("ours", ours), ("rtn", theirs))}
     assert acc["ours"] >= acc["rtn"]
     assert acc["ours"] >= acc["fp32"] - 0.01
     if name != "cnn":  # the CNN's weights are convolutions (and the output layer): not int4's
         assert ours.ByteSize() < 0.25 * fp32.ByteSize()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+@pytest.mark.parametrize("block", [64, 128])
+def test_transformer_population_not_below_onnxruntime_rtn(block, accuracy_level):
+    """The transformer at blocks 64 and 128 on the test split and 60 noisy copies of it (27,450
+    samples; 450 alone cannot tell a 0.2-point difference from one sample — at block 128 level 0 the
+    default is one test sample below onnxruntime and significantly above on these): not significantly
+    below onnxruntime's RTN (exact McNemar, p < 0.05). Round-to-nearest was, at three of these four
+    (bench/int4_block_sizes.py)."""
+    from onnxcompress import datasets
+
+    fp32, result, theirs = _ours_and_ort("transformer", block, accuracy_level)
+    feeds, labels = datasets.noisy_test_feeds(fp32, copies=60)
+    ok = {k: _predict(m, feeds) == labels for k, m in (("ours", result.model), ("rtn", theirs))}
+    b, c = int(np.sum(ok["rtn"] & ~ok["ours"])), int(np.sum(~ok["rtn"] & ok["ours"]))
+    assert not (b > c and mcnemar_p(b, c) < 0.05), (ok["ours"].mean(), ok["rtn"].mean(), b, c)
+
+
+def _predict(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Top-1 classes of ``model`` on the stacked feeds, in batches of 1024."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (name, x), = feeds.items()
+    return np.concatenate([sess.run(None, {name: x[i:i + 1024]})[0].argmax(-1) for i in range(0, len(x), 1024)])
 
 
 def test_int4_preset_small_embedding_table_in_8_bits():
@@ -358,11 +402,12 @@ def test_cuda_provider_runs_matmulnbits():
 
 def test_output_layer_stays_float_by_default():
     m = builders.mlp((128, 96, 10))  # the output layer holds 7% of the weights
-    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(min_elements=0)))
+    out, res = apply_pass(m, QuantizeInt4Pass(QuantizeInt4Config(min_elements=0, method="rtn")))
     assert op_counts(out)[MS_NBITS] == 1 and op_counts(out)["MatMul"] == 1
     assert {s.node: s.reason for s in res.skipped} == {"MatMul_1": "the output layer stays float (keep_last)"}
     # in If branches each branch's output layer is found too
-    out, res = apply_pass(builders.with_if_subgraph(m), QuantizeInt4Pass(QuantizeInt4Config(min_elements=0)))
+    out, res = apply_pass(builders.with_if_subgraph(m), QuantizeInt4Pass(QuantizeInt4Config(min_elements=0,
+                                                                                          method="rtn")))
     assert op_counts(out)[MS_NBITS] == 2 and op_counts(out)["MatMul"] == 2
 
 
@@ -467,12 +512,90 @@ def test_input_layer_stays_8_bit_rtn_under_gptq():
         ("MatMul_0", 8, "rtn"), ("MatMul_1", 4, "gptq")]
 
 
-def test_auto_without_data_rounds_to_nearest():
-    m = builders.mlp((64, 96, 10))
-    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(accuracy_level=0)))
-    assert res.details["method"] == "rtn"
-    x = _x(16, 64)
-    assert _lossless(_numpy_mlp(x, _mlp_weights(m), _deq(4)), run1(out, {"x": x}))
+def test_auto_without_data_uses_hqq_from_block_64_and_rtn_when_symmetric():
+    m = builders.mlp((128, 96, 10))
+    for block, symmetric, method in ((32, False, "rtn"), (64, False, "hqq"), (64, True, "rtn")):
+        out, res = apply_pass(m, QuantizeInt4Pass(_cfg(accuracy_level=0, block_size=block, symmetric=symmetric)))
+        assert res.details["method"] == method and {lay["method"] for lay in res.details["layers"]} == {method}
+    x = _x(16, 128)  # the last one: symmetric round-to-nearest, exactly
+    assert _lossless(_numpy_mlp(x, _mlp_weights(m), lambda W: quantize_blocks(W.T, 64, symmetric=True).dequant().T),
+                     run1(out, {"x": x}))
+    with pytest.raises(RecipeError, match="symmetric blocks have none"):
+        _cfg(method="hqq", symmetric=True)
+
+
+def _lp(err: np.ndarray, p: float) -> float:
+    return float(np.sum(np.abs(err) ** p))
+
+
+def test_hqq_blocks_math():
+    """Codes on the 4-bit grid, an integer zero point and a per-block shift that together decode to
+    (q − z)·s with z real; lower ℓ1 and ℓ0.7 error than round-to-nearest on heavy-tailed weights."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_t(3, size=(48, 200)).astype(np.float32)  # 200 = 3 blocks of 64 + a ragged 8
+    bq = hqq_blocks(w, 64)
+    assert bq.q.shape == (48, 256) and bq.q.max() <= 15 and bq.zero.dtype == np.uint8 and bq.zero.max() <= 15
+    assert bq.shift.shape == bq.scale.shape == (48, 4)
+    assert np.all(np.abs(bq.shift) <= 0.5 * bq.scale + 1e-7)  # |z − round(z)| ≤ ½ when z is inside 0..15
+    hqq_err, rtn_err = bq.dequant() - w, quantize_blocks(w, 64).dequant() - w
+    assert _lp(hqq_err, 1.0) < 0.95 * _lp(rtn_err, 1.0)
+    assert _lp(hqq_err, 0.7) < 0.95 * _lp(rtn_err, 0.7)
+    assert np.all(bq.q[:, 200:] == np.repeat(bq.zero[:, 3:], 56, axis=1))  # padding: the zero code
+
+
+@pytest.mark.parametrize("sizes,batch3,opset,fmt", [
+    ((64, 48, 10), False, 17, "matmulnbits"),    # K = 64: one block per column (ReduceSum · shift)
+    ((128, 48, 10), False, 17, "matmulnbits"),   # two blocks: Reshape -> ReduceSum -> MatMul
+    ((72, 160, 10), True, 17, "matmulnbits"),    # ragged K = 72 (Pad) and K = 160; rank-3 input
+    ((72, 160, 10), False, 12, "matmulnbits"),   # ReduceSum's axes as an attribute (opset < 13)
+    ((72, 160, 10), False, 10, "matmulnbits"),   # ... and Pad's pads too (opset < 11)
+    ((128, 160, 10), False, 21, "qdq"),          # the portable form takes the shift the same way
+])
+def test_hqq_structure_and_exact_numbers(sizes, batch3, opset, fmt):
+    m = builders.mlp(sizes, opset=opset)
+    if batch3:  # x[B, T, K]: the block reshape keeps both leading axes
+        m.graph.input[0].type.tensor_type.shape.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_param="B"))
+        m.graph.output[0].type.tensor_type.shape.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_param="B"))
+    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(method="hqq", block_size=64, accuracy_level=0, format=fmt,
+                                                   min_elements=0)))
+    layers = len(sizes) - 1
+    assert [lay["method"] for lay in res.details["layers"]] == ["hqq"] * layers
+    ops = op_counts(out)
+    assert ops[MS_NBITS if fmt == "matmulnbits" else "DequantizeLinear"] == layers and ops["ReduceSum"] == layers
+    several = [k > 64 for k in sizes[:-1]]
+    assert ops.get("Reshape", 0) == sum(several) and ops.get("Pad", 0) == sum(k % 64 != 0 and k > 64
+                                                                              for k in sizes[:-1])
+    assert ops.get("Mul", 0) == len(several) - sum(several)
+    x = _x(12, sizes[0]).reshape((3, 4, sizes[0]) if batch3 else (12, sizes[0]))
+    expect = _numpy_mlp(x, _mlp_weights(m), lambda W: hqq_blocks(W.T, 64).dequant().T)
+    # onnxruntime's optimizer fuses DequantizeLinear + MatMul into MatMulNBits at level 4 (int8 activations)
+    assert _lossless(expect, run1(out, {"x": x}, optimize=fmt != "qdq"))
+
+
+def test_hqq_shared_weight_takes_one_shift():
+    out, res = apply_pass(_shared_weight_model(), QuantizeInt4Pass(_cfg(method="hqq", block_size=64,
+                                                                        accuracy_level=0)))
+    assert [layer["method"] for layer in res.details["layers"]] == ["hqq", "shared"]
+    assert sum("hqq_shift" in t.name for t in out.graph.initializer) == 1
+    x = _x(8, 64)
+    w_hat = hqq_blocks(numpy_helper.to_array(_shared_weight_model().graph.initializer[0]).T, 64).dequant().T
+    assert _lossless(np.maximum(x @ w_hat, 0) @ w_hat, run1(out, {"x": x}))
+
+
+def test_hqq_declines_a_layer_whose_input_rank_is_unknown():
+    """Several blocks per column need the input's rank (for the block reshape); a custom op's output
+    has none, so that layer rounds to nearest and the summary says why."""
+    m = builders.mlp((128, 64, 10))  # MatMul_1: K = 64, one block per column, no reshape
+    g = m.graph
+    g.node.insert(0, helper.make_node("Opaque", ["x"], ["x_opaque"], name="opaque", domain="com.example"))
+    g.node[1].input[0] = "x_opaque"
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    ctx_notes = []
+    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(method="hqq", block_size=64, min_elements=0)),
+                          notes=ctx_notes)
+    assert [lay["method"] for lay in res.details["layers"]] == ["rtn", "hqq"]
+    assert any("round-to-nearest instead of hqq for 1 layer(s): MatMul_0 (the rank of its input is unknown)" in n
+               for n in ctx_notes)
 
 
 @pytest.mark.parametrize("variant", ["constant_nodes", "if_subgraph"])

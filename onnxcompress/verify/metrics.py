@@ -31,7 +31,19 @@ import numpy as np
 
 from onnxcompress.data import is_float_dtype
 
-__all__ = ["OutputMetrics", "MetricAccumulator", "compute_metrics", "is_classifier_shape"]
+__all__ = ["OutputMetrics", "MetricAccumulator", "compute_metrics", "is_classifier_shape", "mcnemar_p"]
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value for two classifiers scored on the same samples.
+
+    ``b``: samples only the first gets right; ``c``: only the second. Under "equally accurate" each of
+    the b + c discordant samples is a fair coin, so p = P(a Binomial(b + c, ½) split at least as uneven)
+    = min(1, 2 · Σ_{i ≤ min(b, c)} C(b + c, i) / 2^(b + c)); 1.0 when there is no discordant sample."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 def is_classifier_shape(shape: tuple[int, ...]) -> bool:
