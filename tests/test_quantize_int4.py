@@ -565,7 +565,9 @@ def test_hqq_structure_and_exact_numbers(sizes, batch3, opset, fmt):
     several = [k > 64 for k in sizes[:-1]]
     assert ops.get("Reshape", 0) == sum(several) and ops.get("Pad", 0) == sum(k % 64 != 0 and k > 64
                                                                               for k in sizes[:-1])
-    assert ops.get("Mul", 0) == len(several) - sum(several)
+    # the shift's product is never a plain MatMul (later passes would take it for a layer)
+    assert ops["com.microsoft::FusedMatMul" if fmt == "matmulnbits" else "Einsum"] == layers
+    assert ops.get("MatMul", 0) == (layers if fmt == "qdq" else 0)
     x = _x(12, sizes[0]).reshape((3, 4, sizes[0]) if batch3 else (12, sizes[0]))
     expect = _numpy_mlp(x, _mlp_weights(m), lambda W: hqq_blocks(W.T, 64).dequant().T)
     # onnxruntime's optimizer fuses DequantizeLinear + MatMul into MatMulNBits at level 4 (int8 activations)
@@ -580,6 +582,48 @@ def test_hqq_shared_weight_takes_one_shift():
     x = _x(8, 64)
     w_hat = hqq_blocks(numpy_helper.to_array(_shared_weight_model().graph.initializer[0]).T, 64).dequant().T
     assert _lossless(np.maximum(x @ w_hat, 0) @ w_hat, run1(out, {"x": x}))
+
+
+def test_hqq_shift_is_not_a_layer_weight_for_later_passes():
+    """Storage, weight sharing and a second --int4 leave the shift alone: it stays a float32 initializer
+    read by its FusedMatMul (storage and sharing do re-encode the float output layer, as they should); a
+    second --int4 changes nothing at all."""
+    import onnxcompress as oc
+
+    m = builders.mlp((512, 256, 10))
+    first = oc.compress(m, oc.Recipe.from_cli(["--int4", "--int4-block-size", "64", "--int4-accuracy-level", "0",
+                                               "--no-verify"])).model
+    shifts = {t.name: numpy_helper.to_array(t) for t in first.graph.initializer if "hqq_shift" in t.name}
+    assert len(shifts) == 1 and next(iter(shifts.values())).shape == (8, 256)
+    # MatMulNBits' scales (256 x 8: big enough for weight sharing's min_size) are encoding parameters too
+    shifts.update({t.name: numpy_helper.to_array(t) for t in first.graph.initializer if t.name.endswith("_scales")})
+    assert len(shifts) == 2
+    x = _x(16, 512)
+    ref = run1(first, {"x": x}, optimize=False)
+    for flags in (["--storage", "int8"], ["--cluster", "4"], ["--int4", "--int4-block-size", "64"]):
+        again = oc.compress(first, oc.Recipe.from_cli([*flags, "--no-verify"])).model
+        kept = {t.name: numpy_helper.to_array(t) for t in again.graph.initializer if t.name in shifts}
+        assert kept.keys() == shifts.keys() and all(np.array_equal(kept[k], shifts[k]) for k in kept), flags
+        assert sorted(n.op_type for n in again.graph.node if set(n.input) & shifts.keys()) == ["FusedMatMul",
+                                                                                              "MatMulNBits"], flags
+        assert op_counts(again)[MS_NBITS] == 1, flags
+    assert np.array_equal(run1(again, {"x": x}, optimize=False), ref)  # the second --int4
+
+
+def test_hqq_shared_weight_with_a_reader_of_unknown_rank_rounds_to_nearest():
+    """The shift of a shared weight serves every reader: one reader whose input rank is unknown makes
+    the weight round to nearest (it crashed: the second reader had no rank for the block reshape)."""
+    m = _shared_weight_model()
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((128, 128)).astype(np.float32), "W")
+    m.graph.initializer[0].CopyFrom(w)
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 128
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 128
+    m.graph.node[1].op_type, m.graph.node[1].domain = "Opaque", "com.example"  # relu -> an op without inference
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    notes = []
+    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(method="hqq", block_size=64)), notes=notes)
+    assert [layer["method"] for layer in res.details["layers"]] == ["rtn", "shared"]
+    assert any("mm1 (the rank of the input of MatMul 'mm2', which shares its weight, is unknown)" in n for n in notes)
 
 
 def test_hqq_declines_a_layer_whose_input_rank_is_unknown():

@@ -1,6 +1,7 @@
 """``share_weights``: k-means weight sharing (Deep Compression, Han et al. 2016), one codebook per layer.
 
-Each large float weight ``W`` (or each group of its output channels) is replaced by the nearest of
+Each large float layer weight ``W`` (a MatMul/Gemm/Conv/ConvTranspose/Gather weight, or a layer's bias;
+or each group of its output channels) is replaced by the nearest of
 ``K`` centres ``c_1 < ... < c_K`` found by 1-D k-means:
 
     minimize  sum_i a_i (w_i - c_{j(i)})^2        j(i) = argmin_j |w_i - c_j|
@@ -185,6 +186,21 @@ def _bits(n: int) -> int:
     return int(math.ceil(math.log2(max(n, 2))))
 
 
+def _layer_weight(ref: WeightRef) -> bool:
+    """Deep Compression shares the parameters of layers: a tensor some MatMul, Gemm, Conv, ConvTranspose
+    or Gather reads in its weight slot (:data:`~onnxcompress.quantize.storage.WEIGHT_SLOTS`), or a Gemm /
+    Conv / ConvTranspose bias — not the scales and shifts of an int4 / int8 encoding (read by MatMulNBits,
+    DequantizeLinear, the hqq shift's FusedMatMul ...) nor normalization parameters."""
+    from onnxcompress.quantize.storage import WEIGHT_SLOTS
+
+    def slots(c: gs.Node) -> tuple[int, ...]:
+        if c.op not in WEIGHT_SLOTS or (c.domain or "") not in ("", "ai.onnx"):
+            return ()
+        return (WEIGHT_SLOTS[c.op], 2) if c.op in ("Gemm", "Conv", "ConvTranspose") else (WEIGHT_SLOTS[c.op],)
+
+    return any(i < len(c.inputs) and c.inputs[i] is ref.tensor for c in ref.consumers for i in slots(c))
+
+
 class ShareWeightsPass(Pass):
     config_cls = ShareWeightsConfig
     lossless = False
@@ -227,6 +243,10 @@ class ShareWeightsPass(Pass):
     def _share(ref: WeightRef, k: int, cfg: ShareWeightsConfig, stats, res: PassResult) -> dict | None:
         if any(ref.tensor is o for o in ref.graph.outputs):
             res.skip(ref.name, "share_weights", "it is a graph output")
+            return None
+        if not _layer_weight(ref):
+            res.skip(ref.name, "share_weights", f"not a layer weight: {ref.consumers[0].op} "
+                     f"{ref.consumers[0].name!r} reads it (quantization scales and shifts, norms keep their values)")
             return None
         w = np.asarray(ref.values)
         distinct = np.unique(w).size

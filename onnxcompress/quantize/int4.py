@@ -67,8 +67,9 @@ DequantizeLinear.
 **hqq's shift.** A block's real zero point z = z₀ + f is stored as the integer z₀ (the usual uint4
 zero point) and a float ``shift`` = −f·s per block, added after the layer:
 ``y = y_int + Σ_b (Σ_{k∈b} x_k)·shift[n, b]`` — ReduceSum over the input (Reshape into blocks, and a
-zero Pad for a ragged last block, when a column has several), then Mul (one block) or MatMul by
-shiftᵀ[nb, N], then Add. onnxruntime's MatMulNBits does accept float zero points, but then leaves its
+zero Pad for a ragged last block, when a column has several), then a product with shiftᵀ[nb, N]
+(``com.microsoft::FusedMatMul`` next to MatMulNBits, ``Einsum`` in the portable form: never a plain
+MatMul, which later passes would take for a layer), then Add. onnxruntime's MatMulNBits does accept float zero points, but then leaves its
 integer kernels for a float path 16–117× slower (K, N = 512–4096, measured). A layer whose input rank
 is unknown (needed for the block reshape) rounds to nearest, and the summary says so.
 
@@ -314,7 +315,7 @@ def hqq_blocks(w_rows: np.ndarray, block_size: int, *, iters: int = HQQ_ITERS, p
         z = mean_block(q − (w − e)/s);     β ← κ·β
 
     keeping each block's z with the lowest mean |w − ŵ| seen (the start included). Padded columns take
-    no part. A real z = z₀ + f (z₀ = clip(round(z), 0, 15) the stored integer zero point) decodes as
+    no part. float32 throughout, like onnxruntime's. A real z = z₀ + f (z₀ = clip(round(z), 0, 15) the stored integer zero point) decodes as
     (q − z₀)·s + shift with shift = −f·s per block (:attr:`BlockQuant.shift`), which the pass adds as
     Σ_b (Σ_{k∈b} x_k)·shift[n, b] after the integer kernel: onnxruntime's MatMulNBits takes a float zero
     point too, but then leaves its integer kernels for a float path 16–117× slower (K, N = 512–4096).
@@ -330,43 +331,42 @@ def hqq_blocks(w_rows: np.ndarray, block_size: int, *, iters: int = HQQ_ITERS, p
     pad = nb * block_size - c
     q_out = np.empty((r, nb * block_size), np.uint8)
     s_out, z_out, f_out = (np.empty((r, nb), np.float32) for _ in range(3))
-    live = np.ones(nb * block_size)
-    live[c:] = 0
-    mask = live.reshape(1, nb, block_size)
-    count = mask.sum(-1)
+    live = np.ones((1, nb, block_size), np.float32)
+    live[..., -1, block_size - pad:] = 0  # the ragged last block's padding
+
+    def mean(x):  # over each block's live columns
+        return (x * live).sum(-1) / live.sum(-1) if pad else x.mean(-1)
+
     step = max(1, HQQ_CHUNK // max(nb * block_size, 1))
     for r0 in range(0, r, step):
-        w = w_all[r0:r0 + step].astype(np.float64)
+        w = w_all[r0:r0 + step]
         if pad:
-            w = np.concatenate([w, np.zeros((len(w), pad))], axis=1)
+            w = np.concatenate([w, np.zeros((len(w), pad), np.float32)], axis=1)
         wb = w.reshape(len(w), nb, block_size)
-        lo = np.where(mask > 0, wb, np.inf).min(-1)
-        hi = np.where(mask > 0, wb, -np.inf).max(-1)
-        s = (hi - lo) / QMAX
-        s = np.where(s > 0, s, 1.0)
-        inv = (1.0 / s)[..., None]
-
-        def codes(z):
-            return np.clip(np.round(wb * inv + z[..., None]), 0, QMAX)
-
-        def l1(z):
-            return (mask * np.abs(wb - (codes(z) - z[..., None]) * s[..., None])).sum(-1) / count
-
+        lo = np.where(live > 0, wb, np.inf).min(-1)
+        hi = np.where(live > 0, wb, -np.inf).max(-1)
+        s = (hi - lo) / np.float32(QMAX)
+        s = np.where(s > 0, s, np.float32(1.0))
+        wi = wb / s[..., None]  # the weights in quantization steps: q = clip(round(wi + z))
         z = -lo / s
-        best_z, best = z, l1(z)
+        q = np.clip(np.round(wi + z[..., None]), 0, QMAX)
+        res = wi - (q - z[..., None])  # the error in steps (× s: in weight units)
+        best_z, best = z, mean(np.abs(res))
         b = beta
         for _ in range(iters):
-            q = codes(z)
-            res = wb - (q - z[..., None]) * s[..., None]
-            e = np.sign(res) * np.maximum(np.abs(res) - np.power(np.abs(res) + 1e-8, p - 1) / b, 0.0)
-            z = (mask * (q - (wb - e) * inv)).sum(-1) / count
+            rw = res * s[..., None]
+            a = np.abs(rw)
+            e = np.sign(rw) * np.maximum(a - np.power(a + np.float32(1e-8), np.float32(p - 1)) / np.float32(b), 0)
+            z = mean(q - wi + e / s[..., None])
             b *= kappa
-            err = l1(z)
+            q = np.clip(np.round(wi + z[..., None]), 0, QMAX)
+            res = wi - (q - z[..., None])
+            err = mean(np.abs(res))  # per block, in steps: s is the block's throughout
             better = err < best
             best_z, best = np.where(better, z, best_z), np.where(better, err, best)
         z0 = np.clip(np.round(best_z), 0, QMAX)
-        q = codes(best_z)
-        q = np.where(mask > 0, q, z0[..., None])  # padded columns: the zero code
+        q = np.clip(np.round(wi + best_z[..., None]), 0, QMAX)
+        q = np.where(live > 0, q, z0[..., None])  # padded columns: the zero code
         q_out[r0:r0 + step] = q.astype(np.uint8).reshape(len(w), -1)
         s_out[r0:r0 + step], z_out[r0:r0 + step] = s, z0
         f_out[r0:r0 + step] = -(best_z - z0) * s
@@ -607,11 +607,13 @@ _FREE_NAMES = {"hqq": "half-quadratic zero points (hqq)", "rtn": "round-to-neare
 def _hqq_reason(t: _Target, cfg: QuantizeInt4Config, rank: Callable[[gs.Tensor], int | None]) -> str:
     """May this layer take hqq's off-grid zero points? They are added back as a sum of the input over
     each block (:meth:`QuantizeInt4Pass._add_shift`): one block per column needs nothing more; several
-    need the input reshaped into blocks, so its rank must be known."""
+    need the input reshaped into blocks, so its rank must be known (for every reader of a shared weight)."""
     if t.w.shape[0] <= cfg.block_size:
         return ""
-    if rank(t.node.inputs[0]) is None:
-        return "the rank of its input is unknown"
+    for reader in t.weight.outputs:  # a shared weight's shift serves every reader
+        if rank(reader.inputs[0]) is None:
+            return "the rank of its input is unknown" if reader is t.node else \
+                f"the rank of the input of {reader.op} {reader.name!r}, which shares its weight, is unknown"
     return ""
 
 
@@ -883,9 +885,14 @@ class QuantizeInt4Pass(Pass):
                    shared: list | None) -> list:
         """Add hqq's per-block shift: y = y_int + Σ_b (Σ_{k∈b} x_k) · shift[n, b].
 
-        With one block per column that is ReduceSum(x, -1) · shift[n] (a Mul); with nb blocks,
+        With one block per column that is ReduceSum(x, -1, keepdims) @ shiftᵀ[1, N]; with nb blocks,
         ReduceSum(Reshape(x, [..., nb, bs]), -1) @ shiftᵀ[nb, N] (x zero-padded to nb·bs first when K
-        is not a multiple of the block). Returns the tensor list the layer
+        is not a multiple of the block). The product is ``com.microsoft::FusedMatMul`` next to
+        MatMulNBits (onnxruntime runs it as a MatMul) and ``Einsum`` in the portable form: not a
+        MatMul, so no later pass (storage, weight sharing, int4 or fuse on a second run) takes the
+        shift for a layer's weight and re-encodes it; and the fp16 pass keeps the custom op, like
+        MatMulNBits itself, in float32 (a block sum can exceed fp16's range where the activations
+        do not). Returns the tensor list the layer
         itself now writes (``outs`` unchanged when ``bq`` has no shift); the shift constant is appended
         to ``consts`` (or taken from ``shared``, the first reader's constants, when the weight is shared).
         """
@@ -896,8 +903,7 @@ class QuantizeInt4Pass(Pass):
         if shared is not None:
             sc = shared[-1]
         else:
-            sc = gs.Constant(namer.fresh(base, "hqq_shift"),
-                             np.ascontiguousarray(bq.shift[:, 0] if nb == 1 else bq.shift.T, dtype=np.float32))
+            sc = gs.Constant(namer.fresh(base, "hqq_shift"), np.ascontiguousarray(bq.shift.T, dtype=np.float32))
             consts.append(sc)
         stem = t.node.name or base
         y_int = gs.Variable(namer.fresh(stem, "int_zero"), dtype=np.float32)
@@ -922,7 +928,7 @@ class QuantizeInt4Pass(Pass):
             g.nodes.append(gs.Node("Reshape", name=namer.fresh(stem, "Reshape"), inputs=[src, shape], outputs=[blocks]))
             src = blocks
         sums = gs.Variable(namer.fresh(stem, "block_sums"), dtype=np.float32)
-        keep = int(nb == 1)
+        keep = int(nb == 1)  # [..., 1] or [..., nb]: either way a matrix product with shiftᵀ[nb, N]
         if self._opset >= 13:
             axes = gs.Constant(namer.fresh(stem, "axes"), np.array([-1], np.int64))
             g.nodes.append(gs.Node("ReduceSum", name=namer.fresh(stem, "ReduceSum"), inputs=[src, axes],
@@ -931,7 +937,11 @@ class QuantizeInt4Pass(Pass):
             g.nodes.append(gs.Node("ReduceSum", name=namer.fresh(stem, "ReduceSum"), inputs=[src], outputs=[sums],
                                    attrs={"axes": [-1], "keepdims": keep}))
         corr = gs.Variable(namer.fresh(stem, "hqq_correction"), dtype=np.float32)
-        g.nodes.append(gs.Node("Mul" if nb == 1 else "MatMul", name=namer.fresh(stem, "hqq_shift"),
-                               inputs=[sums, sc], outputs=[corr]))
+        if self.config.format == "matmulnbits":  # the model uses com.microsoft already
+            g.nodes.append(gs.Node("FusedMatMul", name=namer.fresh(stem, "hqq_shift"), domain=MS_DOMAIN,
+                                   inputs=[sums, sc], outputs=[corr]))
+        else:
+            g.nodes.append(gs.Node("Einsum", name=namer.fresh(stem, "hqq_shift"), inputs=[sums, sc], outputs=[corr],
+                                   attrs={"equation": "...b,bn->...n"}))
         g.nodes.append(gs.Node("Add", name=namer.fresh(stem, "hqq_add"), inputs=[y_int, corr], outputs=outs))
         return [y_int]
