@@ -274,7 +274,8 @@ def render_flips(rows: list[dict]) -> list[str]:
 
 def render_latency(rows: list[dict]) -> list[str]:
     out = ["", "Transformer latency against fp32 (one thread; batch 1 / batch 64; interleaved rounds, fastest kept): "
-           "onnxruntime RTN, `rtn/8` and `hqq/8` (hqq adds ReduceSum, Mul or Reshape + MatMul, and Add per layer).", "",
+           "onnxruntime RTN, `rtn/8` and `hqq/8` (hqq adds ReduceSum (after a Reshape, and a Pad for a ragged block, "
+           "when a column has several blocks), FusedMatMul and Add per layer).", "",
            "| block | level | onnxruntime RTN | rtn/8 | hqq/8 |", "|---|---|---|---|---|"]
     for r in rows:
         if "latency" in r:
