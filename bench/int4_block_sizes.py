@@ -83,30 +83,35 @@ def our_model(path: str, block: int, level: int, method: str, first_bits: int,
     return compress(path, recipe.replace(steps=steps), data=data).model
 
 
-def timings(path: str, block: int, level: int, fp32: onnx.ModelProto) -> dict[str, tuple[float, float]]:
-    """Latency against fp32 (batch 1, batch 64) of onnxruntime's RTN, rtn/8 and hqq/8, timed side by side
-    with bench/quantize.py's latency() (interleaved rounds, fastest round kept, one thread)."""
+def _latency_fn():
+    """bench/quantize.py's latency(): interleaved rounds, fastest kept, one thread (loaded once)."""
     import importlib.util
     import os
     import sys
+
+    if "bench_quantize" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_quantize", os.path.join(os.path.dirname(__file__),
+                                                                                      "quantize.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["bench_quantize"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["bench_quantize"].latency
+
+
+def timings(models: dict[str, onnx.ModelProto]) -> dict[str, tuple[float, float]]:
+    """Latency against ``models["fp32"]`` (batch 1, batch 64) of the others, timed side by side."""
+    import os
     import tempfile
 
     from onnxcompress.datasets import digits_feeds
 
-    spec = importlib.util.spec_from_file_location("bench_quantize", os.path.join(os.path.dirname(__file__),
-                                                                                  "quantize.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_quantize", mod)
-    spec.loader.exec_module(mod)
-    models = {"fp32": fp32, "ort": ort_model(path, block, level), "rtn/8": our_model(path, block, level, "rtn", 8),
-              "hqq/8": our_model(path, block, level, "hqq", 8)}
-    (name, x), = digits_feeds(fp32, "test").items()
+    (name, x), = digits_feeds(models["fp32"], "test").items()
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for k, m in models.items():
             paths[k] = os.path.join(tmp, k.replace("/", "_") + ".onnx")
             onnx.save(m, paths[k])
-        t = mod.latency(paths, {name: x[:1]}, {name: x[:64]}, rounds=7, reps=200)
+        t = _latency_fn()(paths, {name: x[:1]}, {name: x[:64]}, rounds=7, reps=200)
     return {k: (v[0] / t["fp32"][0], v[1] / t["fp32"][1]) for k, v in t.items() if k != "fp32"}
 
 
@@ -151,16 +156,19 @@ def run() -> list[dict]:
         calib = digits_feeds(fp32, "calib")
         for block in (32, 64, 128):
             for level in (0, 4):
-                ort_s = score(ort_model(path, block, level))
+                ort_m = ort_model(path, block, level)
+                ort_s = score(ort_m)
                 row = {"model": name, "block": block, "level": level, "ort": ort_s,
                        "fp32_noisy_acc": float(np.mean(score.ref[NOISY].argmax(axis=1) == score.noisy_labels))}
-                for method, bits in VARIANTS:
-                    row[f"{method}/{bits}"] = score(our_model(path, block, level, method, bits))
+                built = {f"{m}/{b}": our_model(path, block, level, m, b) for m, b in VARIANTS}
+                for key, model in built.items():
+                    row[key] = score(model)
                 row["ort layers"] = score(our_model(path, block, level, "rtn", 4, exclude=gemms))
                 row["with data"] = score(our_model(path, block, level, "auto", 8, data=calib))
                 row["default"] = d = row["rtn/8" if block < HQQ_MIN_BLOCK else "hqq/8"]
                 if name == "transformer":
-                    row["latency"] = timings(path, block, level, fp32)
+                    row["latency"] = timings({"fp32": fp32, "ort": ort_m, "rtn/8": built["rtn/8"],
+                                              "hqq/8": built["hqq/8"]})
                 row["b"] = int(np.sum(ort_s["correct"] & ~d["correct"]))
                 row["c"] = int(np.sum(~ort_s["correct"] & d["correct"]))
                 rows.append(row)
@@ -190,10 +198,11 @@ def render(rows: list[dict], command: str) -> str:
             "train split (1091 samples held out from both the test split and the calibration data), samples whose "
             "top-1 class differs from fp32's (train; test), file bytes; "
             "and the paired test comparison of the default with onnxruntime (`b/c`: samples only onnxruntime / "
-            "only ours gets right; exact two-sided McNemar p).", "",
+            "only ours gets right; exact two-sided McNemar p); and the held-out logit MSE and file bytes of `rtn/8` "
+            "(the default at block 32; what hqq replaced from 64).", "",
             "| model | block | level | held-out logit MSE | top-1 changed vs fp32: held-out; test | file bytes | b/c "
-            "| McNemar p |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| McNemar p | rtn/8 MSE; bytes |",
+            "|---|---|---|---|---|---|---|---|---|"]
     misses, data_misses = [], []
     for r in rows:
         o, d, g = r["ort"], r["default"], r["with data"]
@@ -201,7 +210,7 @@ def render(rows: list[dict], command: str) -> str:
         out.append(f"| {r['model']} | {r['block']} | {r['level']} | {o['val_mse']:.4f} / {d['val_mse']:.4f} / "
                    f"{g['val_mse']:.4f} | {o['val_flips']} / {d['val_flips']} / {g['val_flips']}; {o['flips']} / "
                    f"{d['flips']} / {g['flips']} | {o['bytes']:,} / {d['bytes']:,} / {g['bytes']:,} | {r['b']}/{r['c']} "
-                   f"| {p:.2f} |")
+                   f"| {p:.2f} | {r['rtn/8']['val_mse']:.4f}; {r['rtn/8']['bytes']:,} |")
         if d["acc"] < o["acc"] - 1e-9:
             misses.append(f"{r['model']} block {r['block']} level {r['level']} ({d['acc']:.4f} vs {o['acc']:.4f}, "
                           f"{r['b']}/{r['c']} discordant, p = {p:.2f}; logit MSE {d['val_mse']:.4f} vs "

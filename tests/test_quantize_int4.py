@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import builders
 from lowbit_helpers import apply_pass, cuda_available, op_counts, run1, skip_reasons
+from onnxcompress.errors import RecipeError
 from onnxcompress.quantize.gptq import gptq_quantize
 from onnxcompress.quantize.int4 import QuantizeInt4Config, QuantizeInt4Pass, hqq_blocks, quantize_blocks
-from onnxcompress.errors import RecipeError
 from onnxcompress.verify.metrics import mcnemar_p
 
 MS_NBITS = "com.microsoft::MatMulNBits"
@@ -176,9 +176,10 @@ def test_gptq_through_the_pass_with_calibration_feeds():
     assert mse["gptq"] < 0.8 * mse["rtn"]
 
 
-def _gemm_model(*, trans_b: int, alpha: float, beta: float, bias_shape, trans_a: int = 0) -> onnx.ModelProto:
+def _gemm_model(*, trans_b: int, alpha: float, beta: float, bias_shape, trans_a: int = 0,
+                k: int = 64) -> onnx.ModelProto:
     rng = np.random.default_rng(4)
-    k, n = 64, 40
+    n = 40
     w = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32) * 0.2
     inits = [numpy_helper.from_array(w, "W")]
     inputs = ["x", "W"]
@@ -542,9 +543,46 @@ def test_hqq_blocks_math():
     assert np.all(bq.q[:, 200:] == np.repeat(bq.zero[:, 3:], 56, axis=1))  # padding: the zero code
 
 
+def test_hqq_blocks_lower_error_at_a_trained_weight_scale():
+    """At the scale of trained weights (N(0, 0.05)) the shrink step never fires (its threshold is ~0.17):
+    hqq is then the real-valued zero point that zeroes each block's mean error, and it still has lower ℓ1
+    and ℓ2 error than round-to-nearest; and it equals the β → 0 iteration bit for bit."""
+    w = (0.05 * np.random.default_rng(2).standard_normal((96, 256))).astype(np.float32)
+    for bs in (32, 64, 128):
+        bq, rtn = hqq_blocks(w, bs), quantize_blocks(w, bs)
+        assert _lp(bq.dequant() - w, 1.0) < 0.97 * _lp(rtn.dequant() - w, 1.0)
+        assert _lp(bq.dequant() - w, 2.0) < 0.98 * _lp(rtn.dequant() - w, 2.0)
+        e0 = hqq_blocks(w, bs, beta=1e-12)
+        assert np.array_equal(bq.q, e0.q) and np.array_equal(bq.shift, e0.shift)
+
+
+def test_mcnemar_p_exact_values():
+    from math import comb
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0
+    assert mcnemar_p(0, 5) == pytest.approx(2 / 32) and mcnemar_p(5, 0) == mcnemar_p(0, 5)
+    assert mcnemar_p(239, 197) == pytest.approx(2 * sum(comb(436, i) for i in range(198)) / 2**436)
+    assert 0.049 < mcnemar_p(239, 197) < 0.050
+
+
+@pytest.mark.parametrize("trans_b,alpha,beta,fmt", [(1, 0.7, 1.3, "matmulnbits"), (0, 1.0, 1.0, "qdq")])
+def test_hqq_gemm_forms(trans_b, alpha, beta, fmt):
+    m = _gemm_model(trans_b=trans_b, alpha=alpha, beta=beta, bias_shape=(40,), k=128)
+    if fmt == "qdq":
+        m = onnx.version_converter.convert_version(m, 21)
+    out, res = apply_pass(m, QuantizeInt4Pass(_cfg(method="hqq", block_size=64, accuracy_level=0, format=fmt,
+                                                   min_elements=0)))
+    assert [lay["method"] for lay in res.details["layers"]] == ["hqq"]
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    w = inits["W"].T if trans_b else inits["W"]
+    x = _x(8, 128)
+    expect = x @ hqq_blocks((alpha * w).T, 64).dequant().T + beta * inits["C"].reshape(-1)
+    assert _lossless(expect, run1(out, {"x": x}, optimize=False))
+
+
 @pytest.mark.parametrize("sizes,batch3,opset,fmt", [
-    ((64, 48, 10), False, 17, "matmulnbits"),    # K = 64: one block per column (ReduceSum · shift)
-    ((128, 48, 10), False, 17, "matmulnbits"),   # two blocks: Reshape -> ReduceSum -> MatMul
+    ((64, 48, 10), False, 17, "matmulnbits"),    # K = 64: one block per column (ReduceSum -> FusedMatMul)
+    ((128, 48, 10), False, 17, "matmulnbits"),   # two blocks: Reshape -> ReduceSum -> FusedMatMul
     ((72, 160, 10), True, 17, "matmulnbits"),    # ragged K = 72 (Pad) and K = 160; rank-3 input
     ((72, 160, 10), False, 12, "matmulnbits"),   # ReduceSum's axes as an attribute (opset < 13)
     ((72, 160, 10), False, 10, "matmulnbits"),   # ... and Pad's pads too (opset < 11)
@@ -601,12 +639,14 @@ def test_hqq_shift_is_not_a_layer_weight_for_later_passes():
     ref = run1(first, {"x": x}, optimize=False)
     for flags in (["--storage", "int8"], ["--cluster", "4"], ["--int4", "--int4-block-size", "64"]):
         again = oc.compress(first, oc.Recipe.from_cli([*flags, "--no-verify"])).model
+        if flags[0] == "--int4":
+            twice = again
         kept = {t.name: numpy_helper.to_array(t) for t in again.graph.initializer if t.name in shifts}
         assert kept.keys() == shifts.keys() and all(np.array_equal(kept[k], shifts[k]) for k in kept), flags
         assert sorted(n.op_type for n in again.graph.node if set(n.input) & shifts.keys()) == ["FusedMatMul",
                                                                                               "MatMulNBits"], flags
         assert op_counts(again)[MS_NBITS] == 1, flags
-    assert np.array_equal(run1(again, {"x": x}, optimize=False), ref)  # the second --int4
+    assert np.array_equal(run1(twice, {"x": x}, optimize=False), ref)
 
 
 def test_hqq_shared_weight_with_a_reader_of_unknown_rank_rounds_to_nearest():

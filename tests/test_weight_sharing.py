@@ -153,6 +153,44 @@ def test_declines_already_shared_small_and_nonfinite():
         np.testing.assert_array_equal(v, weights(m)[name])
 
 
+def test_declines_encoding_parameters_and_shares_biases_and_norms():
+    """MatMulNBits scales, a DequantizeLinear scale and a storage decode's scale keep their values (a
+    kernel reads them as an encoding); a MatMul's Add bias and a LayerNormalization scale are shared."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    big = lambda *shape: numpy_helper.to_array(numpy_helper.from_array(randn(rng, *shape)))  # noqa: E731
+    inits = {"codes": np.zeros((64, 2, 16), np.uint8), "nb_scales": np.abs(big(64, 2)) + 0.1,
+             "q": np.ones((32, 64), np.int8), "dq_scale": np.abs(big(64)) + 0.1,
+             "s8": np.ones((32, 64), np.int8), "st_scale": np.abs(big(1, 64)) + 0.1,
+             "bias": big(64), "gamma": big(64), "W": big(32, 64)}
+    nodes = [helper.make_node("MatMulNBits", ["x", "codes", "nb_scales"], ["a"], domain="com.microsoft", K=32, N=64,
+                              bits=4, block_size=16, name="nbits"),
+             helper.make_node("DequantizeLinear", ["q", "dq_scale"], ["wq"], axis=1, name="dq"),
+             helper.make_node("MatMul", ["x", "wq"], ["b"], name="mm_q"),
+             helper.make_node("Cast", ["s8"], ["s8f"], to=onnx.TensorProto.FLOAT, name="cast"),
+             helper.make_node("Mul", ["s8f", "st_scale"], ["ws"], name="decode"),
+             helper.make_node("MatMul", ["x", "ws"], ["c"], name="mm_s"),
+             helper.make_node("MatMul", ["x", "W"], ["d0"], name="mm"),
+             helper.make_node("Add", ["d0", "bias"], ["d"], name="add_bias"),
+             helper.make_node("LayerNormalization", ["d", "gamma"], ["e"], axis=-1, name="ln"),
+             helper.make_node("Sum", ["a", "b", "c", "e"], ["y"], name="sum")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 32])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 64])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    out, res = share(m, clusters=4, min_size=64)
+    why = {s.node: s.reason for s in res.skipped}
+    assert "MatMulNBits 'nbits'" in why["nb_scales"] and "DequantizeLinear 'dq'" in why["dq_scale"]
+    assert "Mul 'decode'" in why["st_scale"]
+    after = weights(out)
+    for name in ("nb_scales", "dq_scale", "st_scale"):
+        np.testing.assert_array_equal(after[name], inits[name])
+    for name in ("bias", "gamma", "W"):
+        assert len(np.unique(after[name])) <= 4 < len(np.unique(inits[name]))
+
+
 def test_config_validation_and_cli():
     assert ShareWeightsConfig().k == 16 and ShareWeightsConfig(codebook_bits=3).k == 8
     with pytest.raises(RecipeError):

@@ -1,7 +1,8 @@
 """``share_weights``: k-means weight sharing (Deep Compression, Han et al. 2016), one codebook per layer.
 
-Each large float layer weight ``W`` (a MatMul/Gemm/Conv/ConvTranspose/Gather weight, or a layer's bias;
-or each group of its output channels) is replaced by the nearest of
+Each large float weight ``W`` (or each group of its output channels) — not the parameters of another
+encoding (:func:`encoding_reader`: custom-domain op inputs such as MatMulNBits scales, Q/DQ scales,
+storage decodes) — is replaced by the nearest of
 ``K`` centres ``c_1 < ... < c_K`` found by 1-D k-means:
 
     minimize  sum_i a_i (w_i - c_{j(i)})^2        j(i) = argmin_j |w_i - c_j|
@@ -186,19 +187,35 @@ def _bits(n: int) -> int:
     return int(math.ceil(math.log2(max(n, 2))))
 
 
-def _layer_weight(ref: WeightRef) -> bool:
-    """Deep Compression shares the parameters of layers: a tensor some MatMul, Gemm, Conv, ConvTranspose
-    or Gather reads in its weight slot (:data:`~onnxcompress.quantize.storage.WEIGHT_SLOTS`), or a Gemm /
-    Conv / ConvTranspose bias — not the scales and shifts of an int4 / int8 encoding (read by MatMulNBits,
-    DequantizeLinear, the hqq shift's FusedMatMul ...) nor normalization parameters."""
-    from onnxcompress.quantize.storage import WEIGHT_SLOTS
+_QDQ = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 
-    def slots(c: gs.Node) -> tuple[int, ...]:
-        if c.op not in WEIGHT_SLOTS or (c.domain or "") not in ("", "ai.onnx"):
-            return ()
-        return (WEIGHT_SLOTS[c.op], 2) if c.op in ("Gemm", "Conv", "ConvTranspose") else (WEIGHT_SLOTS[c.op],)
 
-    return any(i < len(c.inputs) and c.inputs[i] is ref.tensor for c in ref.consumers for i in slots(c))
+def encoding_reader(ref: WeightRef) -> gs.Node | None:
+    """May I share ``ref``? The reader that makes it a parameter of another encoding, whose values must
+    stay as they are — or None (it may be shared).
+
+    Those readers are custom-domain ops (``com.microsoft::MatMulNBits`` scales, the int4 hqq shift's
+    ``FusedMatMul``, ``GatherBlockQuantized``: their kernels read encoding parameters and may prepack
+    them), Quantize/DequantizeLinear (scales), and the ``Mul``/``Sub``/``Add`` of a size-only storage
+    decode (the other operand is a ``Cast`` of integer codes). Every other float constant — layer
+    weights, biases, norms, embeddings — may be shared."""
+    for c in ref.consumers:
+        if (c.domain or "") not in ("", "ai.onnx") or c.op in _QDQ:
+            return c
+        if c.op in ("Mul", "Sub", "Add") and any(_casts_integers(i) for i in c.inputs if i is not ref.tensor):
+            return c
+    return None
+
+
+def _casts_integers(t: gs.Tensor) -> bool:
+    """``t`` is ``Cast(x)`` of an integer-typed ``x`` (int codes being decoded)."""
+    if len(t.inputs) != 1 or t.inputs[0].op != "Cast" or not t.inputs[0].inputs:
+        return False
+    src = t.inputs[0].inputs[0].dtype
+    try:
+        return src is not None and np.issubdtype(np.dtype(src), np.integer)
+    except TypeError:  # ml_dtypes int4/uint4
+        return "int" in str(src)
 
 
 class ShareWeightsPass(Pass):
@@ -244,9 +261,10 @@ class ShareWeightsPass(Pass):
         if any(ref.tensor is o for o in ref.graph.outputs):
             res.skip(ref.name, "share_weights", "it is a graph output")
             return None
-        if not _layer_weight(ref):
-            res.skip(ref.name, "share_weights", f"not a layer weight: {ref.consumers[0].op} "
-                     f"{ref.consumers[0].name!r} reads it (quantization scales and shifts, norms keep their values)")
+        enc = encoding_reader(ref)
+        if enc is not None:
+            res.skip(ref.name, "share_weights", f"it is an encoding parameter of {enc.op} {enc.name!r} (custom-domain "
+                     "op inputs, quantization scales and storage decodes keep their values)")
             return None
         w = np.asarray(ref.values)
         distinct = np.unique(w).size

@@ -34,10 +34,11 @@ test split and 60 noisy copies of it (27,450 samples, ``bench/int4_block_sizes.p
 128 rtn was significantly below onnxruntime at three of the four accuracy-level rows (0.8740 vs 0.8756
 at block 64 level 0, McNemar p = 0.049; it also quantizes the two attention output projections that
 onnxruntime leaves float); hqq was significantly above at all four (p = 0.003–0.023) and lowered the
-held-out logit MSE 1.5–1.9×. At block 32 rtn was not below onnxruntime, hqq was no more accurate (a
-prototype: p > 0.5), and its shift costs 4 bytes a block: +20% of the 4-bit bytes at block 32 (+10% at
-64, +5% at 128; the whole file at block 64: +9% on the transformer, +12% on the MLP), plus three to
-five small ops per layer (+0.03–0.14× of the fp32 latency on the digits transformer, batch 1 and 64).
+held-out logit MSE 1.5–1.9×. At block 32 rtn was not below onnxruntime and hqq was no more accurate
+(test split 0.9600 / 0.9578 at levels 0 / 4, rtn 0.9600 / 0.9600), and the shift costs 4 bytes a
+block: +20% of the 4-bit bytes at block 32 (+11% at 64, +6% at 128; the whole file at block 64: +9% on
+the transformer, +12% on the MLP), plus three to five small ops per layer (+0.03–0.14× of the fp32
+latency on the digits transformer, batch 1 and 64).
 
 *Why not search without data.* With h = 1 the search assumes isotropic inputs, and its lower
 weight error did not carry to the model output. Logit MSE against fp32 on the digits models' calib +
@@ -68,9 +69,11 @@ zero point) and a float ``shift`` = −f·s per block, added after the layer:
 ``y = y_int + Σ_b (Σ_{k∈b} x_k)·shift[n, b]`` — ReduceSum over the input (Reshape into blocks, and a
 zero Pad for a ragged last block, when a column has several), then a product with shiftᵀ[nb, N]
 (``com.microsoft::FusedMatMul`` next to MatMulNBits, ``Einsum`` in the portable form: never a plain
-MatMul, which later passes would take for a layer), then Add. onnxruntime's MatMulNBits does accept float zero points, but then leaves its
-integer kernels for a float path 16–117× slower (K, N = 512–4096, measured). A layer whose input rank
-is unknown (needed for the block reshape) rounds to nearest, and the summary says so.
+MatMul, which later passes would take for a layer), then Add. onnxruntime's MatMulNBits does accept
+float zero points, but then leaves its integer kernels for a float path many times slower
+(``bench/int4_zero_points.py``). A layer whose input rank
+is unknown, or the input of any reader of its shared weight (needed for the block reshape), rounds to
+nearest; its report entry (``hqq_declined``) and the summary say why.
 
 **Forms.** ``matmulnbits`` (default): ``com.microsoft::MatMulNBits(A, B, scales[, zero_points][, bias])``
 with B uint8[N, K/bs, bs/2] (low nibble = even k; 8 bits: [N, K/bs, bs]), scales float[N, K/bs], zero
@@ -104,11 +107,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxcompress.errors import RecipeError
 from onnxcompress.graph.naming import Namer
 from onnxcompress.graph.query import (const_value, is_constant, is_graph_io, iter_graphs, iter_nodes, name_matches,
                                       weight_ref)
 from onnxcompress.graph.rewrite import disconnect
-from onnxcompress.errors import RecipeError
 from onnxcompress.passes.base import Pass, PassResult
 from onnxcompress.quantize.params import nonfinite_reason
 from onnxcompress.recipe import StepConfig, option
@@ -296,7 +299,7 @@ def quantize_blocks(w_rows: np.ndarray, block_size: int, *, symmetric: bool = Fa
 HQQ_P, HQQ_BETA, HQQ_KAPPA, HQQ_ITERS = 0.7, 10.0, 1.01, 20
 #: the smallest block size at which ``auto`` uses hqq without data (below it: rtn; see the module docstring)
 HQQ_MIN_BLOCK = 64
-HQQ_CHUNK = 1 << 20  # weight elements per chunk of rows (bounds the float64 temporaries)
+HQQ_CHUNK = 1 << 20  # weight elements per chunk of rows (bounds the temporaries)
 
 
 def hqq_blocks(w_rows: np.ndarray, block_size: int, *, iters: int = HQQ_ITERS, p: float = HQQ_P,
@@ -304,27 +307,35 @@ def hqq_blocks(w_rows: np.ndarray, block_size: int, *, iters: int = HQQ_ITERS, p
     """Half-quadratic quantization (HQQ) of ``w_rows`` [R, C] to 4 bits in blocks of ``block_size`` columns.
 
     The scale is the block's min–max one, s = (max − min)/15; the zero point z is optimized, as a real
-    number, to minimize the ℓp error (p < 1) of the block, min_z ‖w − s·(q(z) − z)‖_p^p with
-    q(z) = clip(round(w/s + z), 0, 15). ℓp with p < 1 favours errors that are mostly tiny with a few
-    large ones (outliers) over errors that are all middling. Half-quadratic splitting adds an auxiliary
-    error e and alternates, starting from z = −min/s::
+    number, for the ℓp error (p < 1) of the block, min_z ‖w − s·(q(z) − z)‖_p^p with
+    q(z) = clip(round(w/s + z), 0, 15). Half-quadratic splitting adds an auxiliary error e and
+    alternates, starting from z = −min/s::
 
         q = clip(round(w/s + z), 0, 15);   r = w − s·(q − z)
         e = sign(r)·max(|r| − |r|^(p−1)/β, 0)            (the ℓp proximal step: shrink r)
         z = mean_block(q − (w − e)/s);     β ← κ·β
 
     keeping each block's z with the lowest mean |w − ŵ| seen (the start included). Padded columns take
-    no part. float32 throughout, like onnxruntime's. A real z = z₀ + f (z₀ = clip(round(z), 0, 15) the stored integer zero point) decodes as
+    no part; float32 throughout, as onnxruntime's implementation.
+
+    *What does the work.* The shrink step moves a residual only where |r| > β^(−1/(2−p)) ≈ 0.17 in
+    weight units (it is not scale-invariant, as in the reference implementation). Trained layers'
+    rounding errors are smaller: on every MatMul/Gemm weight of the digits models e ≡ 0 (the result is
+    bit for bit that of β → 0, at blocks 32–128), so the iteration is z ← mean_block(q(z) − w/s): each block's mean rounding error driven to zero by
+    a zero point off the integer grid, keeping the z of lowest mean |error|. That is where the
+    measured gains come from.
+
+    A real z = z₀ + f (z₀ = clip(round(z), 0, 15) the stored integer zero point) decodes as
     (q − z₀)·s + shift with shift = −f·s per block (:attr:`BlockQuant.shift`), which the pass adds as
     Σ_b (Σ_{k∈b} x_k)·shift[n, b] after the integer kernel: onnxruntime's MatMulNBits takes a float zero
-    point too, but then leaves its integer kernels for a float path 16–117× slower (K, N = 512–4096).
+    point too, but then leaves its integer kernels for a float path many times slower
+    (``bench/int4_zero_points.py``).
 
     Measured (``bench/int4_block_sizes.py``, blocks 64 and 128, levels 0 and 4): against plain
-    round-to-nearest the digits transformer's held-out logit MSE is 1.5–1.9× lower (0.0110–0.0125 vs
-    0.0181–0.0210); the digits MLP's is 1.2–1.3× higher (0.0179–0.0238 vs 0.0148–0.0189) at an accuracy
-    not significantly different from either's.
+    round-to-nearest the digits transformer's held-out logit MSE is 1.5–1.9× lower; the digits MLP's is
+    1.2–1.3× higher, at an accuracy not significantly different from either's (docs/benchmarks.md).
     """
-    w_all = np.asarray(w_rows, dtype=np.float32)
+    w_all = np.ascontiguousarray(w_rows, dtype=np.float32)  # float32 sums depend on the layout: one layout
     r, c = w_all.shape
     nb = -(-c // block_size)
     pad = nb * block_size - c
@@ -616,6 +627,18 @@ def _hqq_reason(t: _Target, cfg: QuantizeInt4Config, rank: Callable[[gs.Tensor],
     return ""
 
 
+def _rel_error(bq: BlockQuant, w: np.ndarray) -> float:
+    """‖Ŵ − W‖ / ‖W‖ for the report, in float32 with one temporary; scaled by max|W| first when a
+    float32 sum of squares could overflow (weights beyond ~1e15)."""
+    d = bq.dequant().T
+    d -= w
+    m = float(np.max(np.abs(w), initial=0.0))
+    if m > 1e15:
+        d /= np.float32(m)
+        return float(np.linalg.norm(d) / max(float(np.linalg.norm(w / np.float32(m))), 1e-30))
+    return float(np.linalg.norm(d) / max(float(np.linalg.norm(w)), 1e-30))
+
+
 def _orientation(node: gs.Node) -> str:
     return "T" if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else "N"
 
@@ -695,7 +718,7 @@ class QuantizeInt4Pass(Pass):
             stats = collect_input_stats(graph, ctx, [t.node for t in targets], full=method in ("auto", "gptq"),
                                         max_samples=cfg.calib_samples)
             if stats is None and method == "gptq":
-                ctx.note(f"quantize_int4: gptq needs calibration data (--calib-data); used {free} "
+                ctx.note(f"quantize_int4: gptq needs calibration data (--calib-data); used {_FREE_NAMES[free]} "
                          "(the data-free default) instead")
             if method in ("auto", "gptq"):
                 method = "gptq" if stats is not None else free
@@ -706,8 +729,10 @@ class QuantizeInt4Pass(Pass):
         self._opset = graph.opset or 0
         self._free = free
         self._hqq_declined: list[str] = []
+        self._shifts: dict[int, gs.Constant] = {}  # weight -> its hqq shift constant (one per shared weight)
         self._ranks: dict[str, int] = {}  # from shape inference, for hqq layers whose input has no shape
-        if "hqq" in (method, free) and any(t.node.inputs[0].shape is None for t in targets):
+        hqq_possible = method == "hqq" or (method == "gptq" and free == "hqq")  # gptq: layers without statistics
+        if hqq_possible and any(t.node.inputs[0].shape is None for t in targets):
             from onnxcompress.fuse.patterns import infer_ranks
 
             self._ranks = infer_ranks(graph)  # before the first rewrite
@@ -719,7 +744,7 @@ class QuantizeInt4Pass(Pass):
             readers = len(t.weight.outputs)  # before emit() rewires this node away from the weight
             if first is None:
                 bad = nonfinite_reason(t.w)  # read here, where the weight is loaded anyway
-                bq, used = self._quantize(t, method, stats) if bad is None else (None, "")
+                bq, used, declined = self._quantize(t, method, stats) if bad is None else (None, "", "")
                 if bad is None and not np.all(np.isfinite(bq.scale)):
                     bad = "its weight's range overflows float32 in a block's scale"
                 if bad is not None:
@@ -727,9 +752,8 @@ class QuantizeInt4Pass(Pass):
                     t.release()
                     continue
             else:
-                bq, used = first[0], "shared"
-            w64 = t.w.astype(np.float64)  # float32 norms overflow for weights near 1e19
-            err = float(np.linalg.norm(bq.dequant().T - w64) / max(float(np.linalg.norm(w64)), 1e-30))
+                bq, used, declined = first[0], "shared", ""
+            err = _rel_error(bq, t.w)
             fmt = cfg.format
             if fmt == "matmulnbits" and bq.bits != 4 and cfg.accuracy_level != 4:
                 fmt = "decode"  # onnxruntime's 8-bit kernel is slow without int8 activations
@@ -743,6 +767,8 @@ class QuantizeInt4Pass(Pass):
                      "rel_error": round(err, 6)}
             if first is not None:
                 entry["shared_with"] = first[2]
+            if declined:
+                entry["hqq_declined"] = declined
             layers.append(entry)
             t.release()
             res.changed(f"{node_name}: {t.node.op} {entry['K']}x{entry['N']} -> int{bq.bits} {entry['format']} "
@@ -762,35 +788,37 @@ class QuantizeInt4Pass(Pass):
     def _rank(self, x: gs.Tensor) -> int | None:
         return len(x.shape) if x.shape is not None else self._ranks.get(x.name)
 
-    def _quantize(self, t: _Target, method: str, stats) -> tuple[BlockQuant, str]:
+    def _quantize(self, t: _Target, method: str, stats) -> tuple[BlockQuant, str, str]:
+        """(codes, the method used, why hqq was declined for this layer or "")."""
         cfg = self.config
         wt = t.w.T  # [N, K]: rows = output columns, blocks along K
         if t.bits != 4:  # the input layer: at 256 levels the clipping search gains nothing measurable
-            return quantize_blocks(wt, cfg.block_size, symmetric=cfg.symmetric, bits=t.bits), "rtn"
+            return quantize_blocks(wt, cfg.block_size, symmetric=cfg.symmetric, bits=t.bits), "rtn", ""
         st = stats.get(id(t.node)) if stats is not None else None
         if method == "gptq" and st is not None and st.hessian is not None and st.rows >= cfg.gptq_min_rows * len(wt[0]):
             from onnxcompress.quantize.gptq import gptq_quantize
 
             return gptq_quantize(wt, st.hessian, cfg.block_size, symmetric=cfg.symmetric, grid=cfg.search_grid,
-                                 min_ratio=cfg.search_min_ratio, damp=cfg.gptq_damp), "gptq"
+                                 min_ratio=cfg.search_min_ratio, damp=cfg.gptq_damp), "gptq", ""
         if method == "gptq" and st is None:  # no statistics (a layer in a subgraph): the data-free default
             method = self._free
+        why = ""
         if method == "hqq":
             why = _hqq_reason(t, cfg, self._rank)
             if not why:
-                return hqq_blocks(wt, cfg.block_size), "hqq"
+                return hqq_blocks(wt, cfg.block_size), "hqq", ""
             self._hqq_declined.append(f"{t.node.name or t.node.op} ({why})")
             method = "rtn"
         if method == "rtn":
-            return quantize_blocks(wt, cfg.block_size, symmetric=cfg.symmetric), "rtn"
+            return quantize_blocks(wt, cfg.block_size, symmetric=cfg.symmetric), "rtn", why
         imp = with_dead_floor(st.mean_square) if st is not None else None
         used = "search+act" if imp is not None else "search"
         return quantize_blocks(wt, cfg.block_size, symmetric=cfg.symmetric, grid=cfg.search_grid,
-                               min_ratio=cfg.search_min_ratio, importance=imp), used
+                               min_ratio=cfg.search_min_ratio, importance=imp), used, ""
 
     def _emit_nbits(self, t: _Target, bq: BlockQuant, namer: Namer, cfg: QuantizeInt4Config,
                     shared: list | None) -> list:
-        """Replace the node by MatMulNBits; return the constants (B, scales[, zero points])."""
+        """Replace the node by MatMulNBits [-> the hqq shift]; return the constants (B, scales[, zero points])."""
         node, g = t.node, t.graph
         base = t.weight.name
         if shared is not None:
@@ -801,7 +829,7 @@ class QuantizeInt4Pass(Pass):
                       gs.Constant(namer.fresh(base, "scales"), bq.scale.astype(np.float32))]
             if not cfg.symmetric:
                 consts.append(gs.Constant(namer.fresh(base, "zero_points"), zero_points))
-        inputs = [node.inputs[0], *consts[:3]]
+        inputs = [node.inputs[0], *consts]
         if t.bias is not None:
             if cfg.symmetric:
                 inputs.append(gs.Variable(""))
@@ -809,7 +837,7 @@ class QuantizeInt4Pass(Pass):
         outs = list(node.outputs)
         name = node.name
         disconnect(node)
-        outs = self._add_shift(t, bq, namer, inputs[0], outs, consts, shared)
+        outs = self._add_shift(t, bq, namer, inputs[0], outs, "matmulnbits")
         k, n = t.w.shape
         new = gs.Node("MatMulNBits", name=namer.fresh(name or base, "nbits") if not name else name,
                       domain=MS_DOMAIN, inputs=inputs, outputs=outs,
@@ -820,7 +848,8 @@ class QuantizeInt4Pass(Pass):
 
     def _emit_qdq(self, t: _Target, bq: BlockQuant, namer: Namer, cfg: QuantizeInt4Config,
                   shared: list | None) -> list:
-        """Replace the node by DequantizeLinear(int4|int8) -> MatMul [-> Add]; return [dequantized tensor]."""
+        """Replace the node by DequantizeLinear(int4|int8) -> MatMul [-> Add] [-> the hqq shift]; return
+        [dequantized tensor]."""
         base = t.weight.name
         k, n = t.w.shape
         if shared is not None:
@@ -840,7 +869,8 @@ class QuantizeInt4Pass(Pass):
             deq = gs.Variable(namer.fresh(base, "dequantized"), dtype=np.float32, shape=[k, n])
             t.graph.nodes.append(gs.Node("DequantizeLinear", name=namer.fresh(base, "DequantizeLinear"), inputs=dq_in,
                                          outputs=[deq], attrs={"axis": 0, "block_size": int(cfg.block_size)}))
-        return [deq, *self._replace_by_matmul(t, bq, deq, namer, shared)]
+        self._replace_by_matmul(t, bq, deq, namer, "qdq")
+        return [deq]
 
     def _emit_decoded(self, t: _Target, bq: BlockQuant, namer: Namer, cfg: QuantizeInt4Config,
                       shared: list | None) -> list:
@@ -858,31 +888,26 @@ class QuantizeInt4Pass(Pass):
             w = gs.Variable(namer.fresh(base, "decoded_t"), dtype=np.float32, shape=[k, n])
             t.graph.nodes.append(gs.Node("Transpose", name=namer.fresh(base, "Transpose"), inputs=[rows],
                                          outputs=[w], attrs={"perm": [1, 0]}))
-        return [w, *self._replace_by_matmul(t, bq, w, namer, shared)]
+        self._replace_by_matmul(t, bq, w, namer, "decode")
+        return [w]
 
-
-    def _replace_by_matmul(self, t: _Target, bq: BlockQuant, w: gs.Tensor, namer: Namer,
-                           shared: list | None) -> list:
-        """Replace ``t.node`` by MatMul(A, w) [-> Add(bias)] [-> the hqq shift] writing the node's outputs;
-        return the shift constant, if any ([] else)."""
+    def _replace_by_matmul(self, t: _Target, bq: BlockQuant, w: gs.Tensor, namer: Namer, form: str) -> None:
+        """Replace ``t.node`` by MatMul(A, w) [-> Add(bias)] [-> the hqq shift] writing the node's outputs."""
         node, g = t.node, t.graph
         outs = list(node.outputs)
         a = node.inputs[0]
         name = node.name or namer.fresh(t.weight.name, "MatMul")
         disconnect(node)
-        extra = [] if shared is None else shared[1:]
-        outs = self._add_shift(t, bq, namer, a, outs, extra, None if shared is None else extra)
+        outs = self._add_shift(t, bq, namer, a, outs, form)
         if t.bias is None:
             g.nodes.append(gs.Node("MatMul", name=name, inputs=[a, w], outputs=outs))
-            return extra
+            return
         mm = gs.Variable(namer.fresh(t.weight.name, "matmul"), dtype=np.float32)
         g.nodes.append(gs.Node("MatMul", name=name, inputs=[a, w], outputs=[mm]))
         g.nodes.append(gs.Node("Add", name=namer.fresh(name, "bias"), inputs=[mm, gs.Constant(
             namer.fresh(t.weight.name, "bias"), t.bias)], outputs=outs))
-        return extra
 
-    def _add_shift(self, t: _Target, bq: BlockQuant, namer: Namer, x: gs.Tensor, outs: list, consts: list,
-                   shared: list | None) -> list:
+    def _add_shift(self, t: _Target, bq: BlockQuant, namer: Namer, x: gs.Tensor, outs: list, form: str) -> list:
         """Add hqq's per-block shift: y = y_int + Σ_b (Σ_{k∈b} x_k) · shift[n, b].
 
         With one block per column that is ReduceSum(x, -1, keepdims) @ shiftᵀ[1, N]; with nb blocks,
@@ -893,18 +918,17 @@ class QuantizeInt4Pass(Pass):
         shift for a layer's weight and re-encodes it; and the fp16 pass keeps the custom op, like
         MatMulNBits itself, in float32 (a block sum can exceed fp16's range where the activations
         do not). Returns the tensor list the layer
-        itself now writes (``outs`` unchanged when ``bq`` has no shift); the shift constant is appended
-        to ``consts`` (or taken from ``shared``, the first reader's constants, when the weight is shared).
+        itself now writes (``outs`` unchanged when ``bq`` has no shift). The shift constant is made once
+        per weight (the readers of a shared weight share it). ``form``: the layer's emitted form.
         """
         if bq.shift is None:
             return outs
         g, base = t.graph, t.weight.name
-        nb, n = bq.n_blocks, bq.shift.shape[0]
-        if shared is not None:
-            sc = shared[-1]
-        else:
-            sc = gs.Constant(namer.fresh(base, "hqq_shift"), np.ascontiguousarray(bq.shift.T, dtype=np.float32))
-            consts.append(sc)
+        nb = bq.n_blocks
+        sc = self._shifts.get(id(t.weight))
+        if sc is None:
+            sc = self._shifts[id(t.weight)] = gs.Constant(namer.fresh(base, "hqq_shift"),
+                                                          np.ascontiguousarray(bq.shift.T, dtype=np.float32))
         stem = t.node.name or base
         y_int = gs.Variable(namer.fresh(stem, "int_zero"), dtype=np.float32)
         src = x
@@ -937,7 +961,7 @@ class QuantizeInt4Pass(Pass):
             g.nodes.append(gs.Node("ReduceSum", name=namer.fresh(stem, "ReduceSum"), inputs=[src], outputs=[sums],
                                    attrs={"axes": [-1], "keepdims": keep}))
         corr = gs.Variable(namer.fresh(stem, "hqq_correction"), dtype=np.float32)
-        if self.config.format == "matmulnbits":  # the model uses com.microsoft already
+        if form == "matmulnbits":  # the model uses com.microsoft already
             g.nodes.append(gs.Node("FusedMatMul", name=namer.fresh(stem, "hqq_shift"), domain=MS_DOMAIN,
                                    inputs=[sums, sc], outputs=[corr]))
         else:
