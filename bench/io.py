@@ -252,6 +252,7 @@ SCALE_RUNS = {  # label -> extra CLI flags; verification is off: onnxruntime its
     "weight-only int8, --no-lossless": ["--storage", "int8", "--no-lossless"],
     "--int4 --int4-method rtn": ["--int4", "--int4-method", "rtn"],
     "--int4 --int4-method rtn, --no-lossless": ["--int4", "--int4-method", "rtn", "--no-lossless"],
+    "--int4 --int4-block-size 64 (hqq)": ["--int4", "--int4-block-size", "64"],
 }
 
 
