@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: write one section of docs/benchmarks.md.
+"""Shared by the benchmark scripts: write one section of docs/benchmarks.md, load a sibling script.
 
 Each script owns the text between ``<!-- section: NAME -->`` and ``<!-- end: NAME -->``; the rest of
 the file is left as it is (read, replace, write back in one go).
@@ -6,7 +6,11 @@ the file is left as it is (read, replace, write back in one go).
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import sys
 from pathlib import Path
+from typing import Callable
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -34,3 +38,27 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores (shared), onnxruntime {onnxruntime.__version__}"
+
+
+def load_bench(name: str):
+    """Import ``bench/<name>.py`` (bench/ is scripts, not a package) as module ``bench_<name>``, once."""
+    key = f"bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).resolve().parent / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
+
+
+def docs_main(script: str, section: str, doc: str, make_text: Callable[[str], str], argv=None) -> int:
+    """The ``main()`` of a script whose one option is ``--write-docs``: ``make_text(command)`` runs it and
+    renders its tables, which are printed and, with ``--write-docs``, written into ``section``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args(argv)
+    text = make_text(f"python bench/{script}.py" + (" --write-docs" if args.write_docs else ""))
+    print(text)
+    if args.write_docs:
+        write_section(section, text)
+    return 0

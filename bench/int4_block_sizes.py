@@ -29,7 +29,6 @@ Per model, block size and level it reports, for onnxruntime, the default and ``w
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import logging
@@ -37,7 +36,7 @@ import logging
 import numpy as np
 import onnx
 
-from _docs import machine, write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _docs import docs_main, load_bench, machine  # noqa: E402  (bench/ is on sys.path when run as a script)
 from onnxcompress.quantize.int4 import HQQ_MIN_BLOCK
 from onnxcompress.verify.metrics import mcnemar_p
 
@@ -83,21 +82,6 @@ def our_model(path: str, block: int, level: int, method: str, first_bits: int,
     return compress(path, recipe.replace(steps=steps), data=data).model
 
 
-def _latency_fn():
-    """bench/quantize.py's latency(): interleaved rounds, fastest kept, one thread (loaded once)."""
-    import importlib.util
-    import os
-    import sys
-
-    if "bench_quantize" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_quantize", os.path.join(os.path.dirname(__file__),
-                                                                                      "quantize.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["bench_quantize"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["bench_quantize"].latency
-
-
 def timings(models: dict[str, onnx.ModelProto]) -> dict[str, tuple[float, float]]:
     """Latency against ``models["fp32"]`` (batch 1, batch 64) of the others, timed side by side."""
     import os
@@ -111,7 +95,7 @@ def timings(models: dict[str, onnx.ModelProto]) -> dict[str, tuple[float, float]
         for k, m in models.items():
             paths[k] = os.path.join(tmp, k.replace("/", "_") + ".onnx")
             onnx.save(m, paths[k])
-        t = _latency_fn()(paths, {name: x[:1]}, {name: x[:64]}, rounds=7, reps=200)
+        t = load_bench("quantize").latency(paths, {name: x[:1]}, {name: x[:64]}, rounds=7, reps=200)
     return {k: (v[0] / t["fp32"][0], v[1] / t["fp32"][1]) for k, v in t.items() if k != "fp32"}
 
 
@@ -295,15 +279,7 @@ def render_latency(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--write-docs", action="store_true")
-    args = ap.parse_args(argv)
-    command = "python bench/int4_block_sizes.py" + (" --write-docs" if args.write_docs else "")
-    text = render(run(), command)
-    print(text)
-    if args.write_docs:
-        write_section(SECTION, text)
-    return 0
+    return docs_main("int4_block_sizes", SECTION, __doc__, lambda command: render(run(), command), argv)
 
 
 if __name__ == "__main__":

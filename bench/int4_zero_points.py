@@ -14,77 +14,67 @@ the integer zero point and adds the fractional part after the layer (``QuantizeI
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import time
 
 import numpy as np
 
-from _docs import machine, write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _docs import docs_main, load_bench, machine  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 SECTION = "int4-zero-points"
 SHAPES = ((64, 64), (512, 512), (1024, 4096))
 
 
-def _session(k: int, n: int, bs: int, level: int, float_zero: bool, rng):
-    """One MatMulNBits model and its dequantized weight [K, N]."""
-    import onnxruntime as ort
+def _model(bq, float_zero: bool, level: int):
+    """One MatMulNBits over the blocks of ``bq`` (``hqq_blocks``: a real zero point z₀ − shift/s per block),
+    its zero points packed as uint4 (z₀; the shift dropped) or stored as float32 (z₀ − shift/s)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    nb = k // bs
-    w = rng.standard_normal((n, nb, bs)).astype(np.float32)
-    lo, hi = np.minimum(w.min(-1), 0), np.maximum(w.max(-1), 0)
-    s = (hi - lo) / 15
-    z = np.round(-lo / s) + (0.3 if float_zero else 0.0)  # an off-grid zero point for the float form
-    q = np.clip(np.round(w / s[..., None] + z[..., None]), 0, 15).astype(np.uint8)
-    codes = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    if float_zero:
-        zp = z.astype(np.float32)
-    else:
-        zi = np.concatenate([z.astype(np.uint8), np.zeros((n, nb % 2), np.uint8)], axis=1)
-        zp = (zi[:, 0::2] | (zi[:, 1::2] << 4)).astype(np.uint8)
+    n, k = bq.q.shape[0], bq.cols
+    zp = (bq.zero - bq.shift / bq.scale).astype(np.float32) if float_zero else bq.pack_zero_points()
     node = helper.make_node("MatMulNBits", ["x", "B", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
-                            block_size=bs, accuracy_level=level)
+                            block_size=bq.block_size, accuracy_level=level)
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
-                          [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(s.astype(np.float32), "s"),
+                          [numpy_helper.from_array(bq.pack_nibbles(), "B"), numpy_helper.from_array(bq.scale, "s"),
                            numpy_helper.from_array(zp, "z")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    deq = ((q - z[..., None]) * s[..., None]).reshape(n, k).T
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]), deq
-
-
-def _time(sess, x, reps: int, rounds: int = 5) -> float:
-    sess.run(None, {"x": x})
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            sess.run(None, {"x": x})
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
 def run() -> list[dict]:
+    import dataclasses
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from onnxcompress.quantize.int4 import hqq_blocks
+
+    latency = load_bench("quantize").latency
     rng = np.random.default_rng(0)
     rows = []
     for k, n in SHAPES:
         for bs in (32, 128):
             if bs > k:
                 continue
+            bq = hqq_blocks(rng.standard_normal((n, k)).astype(np.float32), bs)
+            deq = {"uint4": dataclasses.replace(bq, shift=None).dequant().T, "float": bq.dequant().T}
+            x = rng.standard_normal((64, k)).astype(np.float32)
             for level in (0, 4):
-                for batch in (1, 64):
-                    x = rng.standard_normal((batch, k)).astype(np.float32)
-                    row = {"K": k, "N": n, "block": bs, "level": level, "batch": batch}
+                with tempfile.TemporaryDirectory() as tmp:
+                    paths, err = {}, {}
                     for form in ("uint4", "float"):
-                        sess, deq = _session(k, n, bs, level, form == "float", rng)
-                        ref = x @ deq
-                        err = float(np.abs(sess.run(None, {"x": x})[0] - ref).max() / np.abs(ref).max())
-                        reps = max(3, int(2e5 // (k * n * batch) * 10) or 3)
-                        row[form] = (_time(sess, x, min(reps, 500)), err)
+                        model = _model(bq, form == "float", level)
+                        paths[form] = os.path.join(tmp, f"{form}.onnx")
+                        onnx.save(model, paths[form])
+                        y = ort.InferenceSession(paths[form], providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                        ref = x @ deq[form]
+                        err[form] = float(np.abs(y - ref).max() / np.abs(ref).max())
+                    reps = max(8, min(400, int(4e6 // (k * n))))
+                    t = latency(paths, {"x": x[:1]}, {"x": x}, rounds=5, reps=reps)
+                for j, batch in enumerate((1, 64)):
+                    row = {"K": k, "N": n, "block": bs, "level": level, "batch": batch,
+                           **{form: (t[form][j], err[form]) for form in ("uint4", "float")}}
                     rows.append(row)
                     print(row, flush=True)
     return rows
@@ -94,9 +84,10 @@ def render(rows: list[dict], command: str) -> str:
     out = ["### int4 zero points: packed uint4 against float", "",
            f"Machine: {machine()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
            f"Command: `{command}`.", "",
-           "One `MatMulNBits` (4-bit, random weights), one thread, fastest of 5 rounds; time per call and the "
-           "relative error against `x @ dequantized W` (level 4 with uint4 zero points quantizes the activations "
-           "to int8: ~1e-2; ~1e-7 means the kernel computed in float).", "",
+           "One `MatMulNBits` (4-bit `hqq_blocks` of random weights; uint4: the integer zero points, float: the real "
+           "ones), one thread, bench/quantize.py's latency (interleaved rounds, fastest kept); time per call and "
+           "the relative error against `x @ dequantized W` at batch 64 (level 4 with uint4 zero points quantizes "
+           "the activations to int8: ~1e-2; ~1e-7 means the kernel computed in float).", "",
            "| K x N | block | level | batch | uint4 zero points | float zero points | float / uint4 |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -109,15 +100,7 @@ def render(rows: list[dict], command: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--write-docs", action="store_true")
-    args = ap.parse_args(argv)
-    command = "python bench/int4_zero_points.py" + (" --write-docs" if args.write_docs else "")
-    text = render(run(), command)
-    print(text)
-    if args.write_docs:
-        write_section(SECTION, text)
-    return 0
+    return docs_main("int4_zero_points", SECTION, __doc__, lambda command: render(run(), command), argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import logging
 import os
 import platform
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from _docs import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _docs import load_bench, write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "tests"):
@@ -48,15 +47,6 @@ SECTION = "quantize-int4-fp16"
 DIGITS = ("mlp", "transformer", "cnn")
 SYNTHETIC = "mlp512"  # 512-1024-512 MLP with seeded random weights (the shape the notes measured)
 ENCODER = "encoder"  # tests/lowbit_helpers.tiny_encoder: BERT-shaped, exported-style attention mask
-
-
-def _load_int8_bench():
-    """bench/quantize.py: its latency() and session helpers, so both tables are timed the same way."""
-    spec = importlib.util.spec_from_file_location("bench_quantize", ROOT / "bench" / "quantize.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quantize"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -325,7 +315,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("onnx_graphsurgeon", "onnxruntime.quantization.matmul_nbits_quantizer", "onnxcompress"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    BQ = _load_int8_bench()
+    BQ = load_bench("quantize")
     rounds, reps = (3, 20) if args.quick else (7, 60)
     t0 = time.perf_counter()
     results = {}

@@ -543,7 +543,7 @@ def spooled(source: FeedSource, folder: Path) -> FeedSource:
     if not source._one_shot:
         return source
     files: list[tuple[str, Path]] = []
-    state: dict[str, Any] = {"it": None, "done": False}
+    state: dict[str, Any] = {"it": None, "done": False, "error": None}
 
     def make() -> Iterator[tuple[str, Feed]]:
         i = 0
@@ -554,7 +554,7 @@ def spooled(source: FeedSource, folder: Path) -> FeedSource:
             elif state["done"]:
                 return
             else:
-                if state.get("error") is not None:  # a later read must not end quietly where that one failed
+                if state["error"] is not None:  # a later read must not end quietly where that one failed
                     raise CalibrationError(f"{source.description} failed while it was first read: {state['error']}",
                                            where="feeds", hint="fix the data source") from state["error"]
                 if state["it"] is None:

@@ -41,6 +41,7 @@ __all__ = [
     "calibration_npz",
     "digits_accuracy",
     "digits_feeds",
+    "digits_predictions",
     "digits_split",
     "noisy_test_feeds",
 ]
@@ -210,18 +211,20 @@ def noisy_test_feeds(name_or_model: ModelLike, *, copies: int = 10, sigma: float
     return {name: _to_layout(np.concatenate(noisy).astype(np.float32), layout, dtype)}, np.tile(y, copies + 1)
 
 
-def digits_accuracy(
+def digits_predictions(
     model: ModelLike,
-    split: str = "test",
+    feeds: dict[str, np.ndarray] | None = None,
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
     *,
+    split: str = "test",
     batch_size: int = 256,
-) -> float:
-    """Return the top-1 accuracy in [0, 1] of a digits model on one split, run with onnxruntime.
+) -> np.ndarray:
+    """The top-1 classes a digits model predicts, run with onnxruntime: on ``feeds`` (one input, samples
+    stacked on the first axis, e.g. :func:`noisy_test_feeds`) or else on the ``split``.
 
     ``model`` is a bundled name, a path (external data next to it is found by onnxruntime), the
     serialized bytes or an ``onnx.ModelProto`` (with its weights inside). Its first output must be the
-    logits [N, 10]. The split is fed in batches of ``batch_size``; a model whose batch dimension is
+    logits [N, 10]. Samples are fed in batches of ``batch_size``; a model whose batch dimension is
     fixed is fed in batches of that size, the last one padded.
     """
     import onnxruntime as ort
@@ -230,8 +233,7 @@ def digits_accuracy(
     if isinstance(resolved, onnx.ModelProto):
         resolved = resolved.SerializeToString()
     session = ort.InferenceSession(resolved, providers=list(providers))
-    (name, feed), = digits_feeds(resolved, split).items()
-    _, labels = digits_split(split)
+    (name, feed), = (feeds if feeds is not None else digits_feeds(resolved, split)).items()
     fixed_batch = session.get_inputs()[0].shape[0]
     step = fixed_batch if isinstance(fixed_batch, int) and fixed_batch > 0 else batch_size
     output = session.get_outputs()[0].name
@@ -245,7 +247,19 @@ def digits_accuracy(
         if logits.ndim != 2 or logits.shape[1] != _N_CLASSES:
             raise ValueError(f"first output {output!r} has shape {logits.shape}; expected logits [N, 10]")
         predictions.append(np.argmax(logits[: len(logits) - pad], axis=1))
-    return float(np.mean(np.concatenate(predictions) == labels))
+    return np.concatenate(predictions)
+
+
+def digits_accuracy(
+    model: ModelLike,
+    split: str = "test",
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    *,
+    batch_size: int = 256,
+) -> float:
+    """Return the top-1 accuracy in [0, 1] of a digits model on one split (:func:`digits_predictions`)."""
+    predictions = digits_predictions(model, providers=providers, split=split, batch_size=batch_size)
+    return float(np.mean(predictions == digits_split(split)[1]))
 
 
 def calibration_npz(path: Union[str, os.PathLike], name_or_model: ModelLike, n: int = 256) -> pathlib.Path:

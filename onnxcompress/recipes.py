@@ -50,8 +50,8 @@ def _presets() -> tuple[Preset, ...]:
         Preset("int8", "--int8", "int8 quantization: static QDQ with --calib-data, else dynamic MatMul/Gemm + int8 Conv "
                "storage", lambda: [QuantizeInt8Config()]),
         Preset("int4", "--int4", "4-bit block-wise weights for MatMul/Gemm (MatMulNBits; GPTQ with --calib-data, "
-               "else round-to-nearest, hqq zero points from block 64; a small input layer in 8 bits) and 4-bit embedding tables (8-bit when "
-               "small)",
+               "else round-to-nearest, hqq zero points from block 64; a small input layer in 8 bits) and 4-bit "
+               "embedding tables (8-bit when small)",
                lambda: [QuantizeInt4Config(), QuantizeEmbeddingConfig()]),
         Preset("fp16", "--fp16", "compute in float16 where safe; inputs/outputs keep their types",
                lambda: [ConvertFp16Config()]),

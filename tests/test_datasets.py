@@ -340,3 +340,14 @@ def test_noisy_test_feeds_are_valid_seeded_and_start_with_the_clean_split():
         assert np.array_equal(again[key], x)
         other, _ = noisy_test_feeds(name, copies=3, seed=1)
         assert not np.array_equal(other[key], x)
+
+
+def test_digits_predictions_on_given_feeds_and_on_a_split():
+    """On the noisy population the first 450 predictions are the test split's, and the split's
+    predictions give digits_accuracy; noise moves some predictions."""
+    feeds, labels = datasets.noisy_test_feeds("mlp", copies=1)
+    on_feeds = datasets.digits_predictions("mlp", feeds, batch_size=100)
+    on_split = datasets.digits_predictions("mlp")
+    assert on_feeds.shape == (900,) and np.array_equal(on_feeds[:450], on_split)
+    assert datasets.digits_accuracy("mlp") == float(np.mean(on_split == labels[:450]))
+    assert not np.array_equal(on_feeds[450:], on_split)

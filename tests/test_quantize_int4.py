@@ -356,18 +356,10 @@ def test_transformer_population_not_below_onnxruntime_rtn(block, accuracy_level)
 
     fp32, result, theirs = _ours_and_ort("transformer", block, accuracy_level)
     feeds, labels = datasets.noisy_test_feeds(fp32, copies=60)
-    ok = {k: _predict(m, feeds) == labels for k, m in (("ours", result.model), ("rtn", theirs))}
+    ok = {k: datasets.digits_predictions(m, feeds, batch_size=1024) == labels
+          for k, m in (("ours", result.model), ("rtn", theirs))}
     b, c = int(np.sum(ok["rtn"] & ~ok["ours"])), int(np.sum(~ok["rtn"] & ok["ours"]))
     assert not (b > c and mcnemar_p(b, c) < 0.05), (ok["ours"].mean(), ok["rtn"].mean(), b, c)
-
-
-def _predict(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """Top-1 classes of ``model`` on the stacked feeds, in batches of 1024."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (name, x), = feeds.items()
-    return np.concatenate([sess.run(None, {name: x[i:i + 1024]})[0].argmax(-1) for i in range(0, len(x), 1024)])
 
 
 def test_int4_preset_small_embedding_table_in_8_bits():

@@ -270,6 +270,15 @@ def with_dead_floor(importance: np.ndarray) -> np.ndarray:
     return np.where(imp > 0, imp, DEAD_FEATURE_WEIGHT * float(live.mean()) if live.size else 1.0)
 
 
+def _blocked(w: np.ndarray, block_size: int) -> np.ndarray:
+    """``w`` [R, C] as [R, nb, block_size] blocks along its columns, the last one padded with zeros."""
+    r, c = w.shape
+    nb = -(-c // block_size)
+    if nb * block_size != c:
+        w = np.concatenate([w, np.zeros((r, nb * block_size - c), w.dtype)], axis=1)
+    return w.reshape(r, nb, block_size)
+
+
 def quantize_blocks(w_rows: np.ndarray, block_size: int, *, symmetric: bool = False, grid: int = 1,
                     min_ratio: float = 0.5, importance: np.ndarray | None = None, bits: int = 4) -> BlockQuant:
     """Quantize ``w_rows`` [R, C] to ``bits`` (4 or 8) in blocks of ``block_size`` columns.
@@ -277,13 +286,10 @@ def quantize_blocks(w_rows: np.ndarray, block_size: int, *, symmetric: bool = Fa
     ``grid`` = 1 is round-to-nearest; more tries clipping ratios down to ``min_ratio``.
     ``importance`` [C] weights the per-column reconstruction error (e.g. E[x_c²]).
     """
-    w = np.asarray(w_rows, dtype=np.float64)
-    r, c = w.shape
-    nb = -(-c // block_size)
+    r, c = np.shape(w_rows)
+    wb = _blocked(np.asarray(w_rows, dtype=np.float64), block_size)
+    nb = wb.shape[1]
     pad = nb * block_size - c
-    if pad:
-        w = np.concatenate([w, np.zeros((r, pad))], axis=1)
-    wb = w.reshape(r, nb, block_size)
     imp = None
     if importance is not None:
         imp = np.concatenate([np.asarray(importance, np.float64), np.zeros(pad)]).reshape(1, nb, block_size)
@@ -349,10 +355,7 @@ def hqq_blocks(w_rows: np.ndarray, block_size: int, *, iters: int = HQQ_ITERS, p
 
     step = max(1, HQQ_CHUNK // max(nb * block_size, 1))
     for r0 in range(0, r, step):
-        w = w_all[r0:r0 + step]
-        if pad:
-            w = np.concatenate([w, np.zeros((len(w), pad), np.float32)], axis=1)
-        wb = w.reshape(len(w), nb, block_size)
+        wb = _blocked(w_all[r0:r0 + step], block_size)
         lo = np.where(live > 0, wb, np.inf).min(-1)
         hi = np.where(live > 0, wb, -np.inf).max(-1)
         s = (hi - lo) / np.float32(QMAX)
@@ -377,7 +380,7 @@ def hqq_blocks(w_rows: np.ndarray, block_size: int, *, iters: int = HQQ_ITERS, p
         z0 = np.clip(np.round(best_z), 0, QMAX)
         q = np.clip(np.round(wi + best_z[..., None]), 0, QMAX)
         q = np.where(live > 0, q, z0[..., None])  # padded columns: the zero code
-        q_out[r0:r0 + step] = q.astype(np.uint8).reshape(len(w), -1)
+        q_out[r0:r0 + step] = q.astype(np.uint8).reshape(len(wb), -1)
         s_out[r0:r0 + step], z_out[r0:r0 + step] = s, z0
         f_out[r0:r0 + step] = -(best_z - z0) * s
     return BlockQuant(q_out, s_out, z_out.astype(np.uint8), block_size, c, 4, shift=f_out)
@@ -726,18 +729,16 @@ class QuantizeInt4Pass(Pass):
                 ctx.note(f"quantize_int4: no calibration data, so {_FREE_NAMES[free]}; give calibration data "
                          "(--calib-data) for GPTQ, which compensates each layer's rounding error on it")
 
-        self._opset = graph.opset or 0
-        self._free = free
-        self._hqq_declined: list[str] = []
-        self._shifts: dict[int, gs.Constant] = {}  # weight -> its hqq shift constant (one per shared weight)
-        self._ranks: dict[str, int] = {}  # from shape inference, for hqq layers whose input has no shape
-        hqq_possible = method == "hqq" or (method == "gptq" and free == "hqq")  # gptq: layers without statistics
-        if hqq_possible and any(t.node.inputs[0].shape is None for t in targets):
-            from onnxcompress.fuse.patterns import infer_ranks
+        from onnxcompress.fuse.patterns import RuleContext, infer_ranks
 
-            self._ranks = infer_ranks(graph)  # before the first rewrite
+        hqq_possible = method == "hqq" or (method == "gptq" and free == "hqq")  # gptq: layers without statistics
+        # ranks from shape inference, for hqq layers whose input has no shape (before the first rewrite)
+        ranks = infer_ranks(graph) if hqq_possible and any(t.node.inputs[0].shape is None for t in targets) else {}
+        self._rc = RuleContext(namer, ranks, graph.opset or 0)
+        self._free = free
+        self._shifts: dict[int, gs.Constant] = {}  # weight -> its hqq shift constant (one per shared weight)
         layers = []
-        done: dict[int, tuple[BlockQuant, list, str]] = {}  # weight -> (codes, constants, first node)
+        done: dict[int, tuple[BlockQuant, list, str, float]] = {}  # weight -> (codes, constants, first node, error)
         for t in targets:
             node_name = t.node.name or t.node.op
             first = done.get(id(t.weight))
@@ -751,16 +752,16 @@ class QuantizeInt4Pass(Pass):
                     res.skip(node_name, "int4", bad)
                     t.release()
                     continue
+                err = _rel_error(bq, t.w)
             else:
-                bq, used, declined = first[0], "shared", ""
-            err = _rel_error(bq, t.w)
+                bq, used, declined, err = first[0], "shared", "", first[3]
             fmt = cfg.format
             if fmt == "matmulnbits" and bq.bits != 4 and cfg.accuracy_level != 4:
                 fmt = "decode"  # onnxruntime's 8-bit kernel is slow without int8 activations
             emit = {"matmulnbits": self._emit_nbits, "qdq": self._emit_qdq, "decode": self._emit_decoded}[fmt]
             consts = emit(t, bq, namer, cfg, first[1] if first is not None else None)
             if first is None and readers > 1:  # keep the codes only while other readers need them
-                done[id(t.weight)] = (bq, consts, node_name)
+                done[id(t.weight)] = (bq, consts, node_name, err)
             entry = {"node": node_name, "op": t.node.op, "weight": t.weight.name, "K": int(t.w.shape[0]),
                      "N": int(t.w.shape[1]), "bits": bq.bits, "block_size": cfg.block_size, "method": used,
                      "format": fmt, "symmetric": cfg.symmetric,
@@ -775,18 +776,16 @@ class QuantizeInt4Pass(Pass):
                         f"(block {cfg.block_size}, {used}, rel. error {err:.4f})")
         res.details = {"format": cfg.format, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level,
                        "method": method, "symmetric": cfg.symmetric, "layers": layers}
-        if self._hqq_declined and ctx is not None:
-            ctx.note(f"quantize_int4: round-to-nearest instead of hqq for {len(self._hqq_declined)} layer(s): "
-                     + "; ".join(self._hqq_declined[:5]) + (" ..." if len(self._hqq_declined) > 5 else ""))
+        declined = [f"{e['node']} ({e['hqq_declined']})" for e in layers if "hqq_declined" in e]
+        if declined and ctx is not None:
+            ctx.note(f"quantize_int4: round-to-nearest instead of hqq for {len(declined)} layer(s): "
+                     + "; ".join(declined[:5]) + (" ..." if len(declined) > 5 else ""))
         if cfg.format == "qdq":
             ctx.note("quantize_int4: the portable qdq form: onnxruntime with graph optimizations on fuses each "
                      "DequantizeLinear + MatMul into its MatMulNBits at accuracy level 4 (int8 activations: "
                      "--int4-accuracy-level does not apply to this form); with them off it dequantizes at every "
                      "inference (slower than fp32); format=matmulnbits sets the kernel and its level explicitly")
         return res
-
-    def _rank(self, x: gs.Tensor) -> int | None:
-        return len(x.shape) if x.shape is not None else self._ranks.get(x.name)
 
     def _quantize(self, t: _Target, method: str, stats) -> tuple[BlockQuant, str, str]:
         """(codes, the method used, why hqq was declined for this layer or "")."""
@@ -804,10 +803,9 @@ class QuantizeInt4Pass(Pass):
             method = self._free
         why = ""
         if method == "hqq":
-            why = _hqq_reason(t, cfg, self._rank)
+            why = _hqq_reason(t, cfg, self._rc.rank)
             if not why:
                 return hqq_blocks(wt, cfg.block_size), "hqq", ""
-            self._hqq_declined.append(f"{t.node.name or t.node.op} ({why})")
             method = "rtn"
         if method == "rtn":
             return quantize_blocks(wt, cfg.block_size, symmetric=cfg.symmetric), "rtn", why
@@ -837,7 +835,7 @@ class QuantizeInt4Pass(Pass):
         outs = list(node.outputs)
         name = node.name
         disconnect(node)
-        outs = self._add_shift(t, bq, namer, inputs[0], outs, "matmulnbits")
+        outs = self._add_shift(t, bq, inputs[0], outs, "matmulnbits")
         k, n = t.w.shape
         new = gs.Node("MatMulNBits", name=namer.fresh(name or base, "nbits") if not name else name,
                       domain=MS_DOMAIN, inputs=inputs, outputs=outs,
@@ -884,7 +882,7 @@ class QuantizeInt4Pass(Pass):
         if shared is not None:
             w = shared[0]
         else:
-            rows = decode_blocks(t.graph, bq, bq.bits, namer, base, self._opset)  # [N, K]
+            rows = decode_blocks(t.graph, bq, bq.bits, namer, base, self._rc.opset)  # [N, K]
             w = gs.Variable(namer.fresh(base, "decoded_t"), dtype=np.float32, shape=[k, n])
             t.graph.nodes.append(gs.Node("Transpose", name=namer.fresh(base, "Transpose"), inputs=[rows],
                                          outputs=[w], attrs={"perm": [1, 0]}))
@@ -898,7 +896,7 @@ class QuantizeInt4Pass(Pass):
         a = node.inputs[0]
         name = node.name or namer.fresh(t.weight.name, "MatMul")
         disconnect(node)
-        outs = self._add_shift(t, bq, namer, a, outs, form)
+        outs = self._add_shift(t, bq, a, outs, form)
         if t.bias is None:
             g.nodes.append(gs.Node("MatMul", name=name, inputs=[a, w], outputs=outs))
             return
@@ -907,7 +905,7 @@ class QuantizeInt4Pass(Pass):
         g.nodes.append(gs.Node("Add", name=namer.fresh(name, "bias"), inputs=[mm, gs.Constant(
             namer.fresh(t.weight.name, "bias"), t.bias)], outputs=outs))
 
-    def _add_shift(self, t: _Target, bq: BlockQuant, namer: Namer, x: gs.Tensor, outs: list, form: str) -> list:
+    def _add_shift(self, t: _Target, bq: BlockQuant, x: gs.Tensor, outs: list, form: str) -> list:
         """Add hqq's per-block shift: y = y_int + Σ_b (Σ_{k∈b} x_k) · shift[n, b].
 
         With one block per column that is ReduceSum(x, -1, keepdims) @ shiftᵀ[1, N]; with nb blocks,
@@ -917,55 +915,39 @@ class QuantizeInt4Pass(Pass):
         MatMul, so no later pass (storage, weight sharing, int4 or fuse on a second run) takes the
         shift for a layer's weight and re-encodes it; and the fp16 pass keeps the custom op, like
         MatMulNBits itself, in float32 (a block sum can exceed fp16's range where the activations
-        do not). Returns the tensor list the layer
-        itself now writes (``outs`` unchanged when ``bq`` has no shift). The shift constant is made once
-        per weight (the readers of a shared weight share it). ``form``: the layer's emitted form.
+        do not). Returns the tensor list the layer itself now writes (``outs`` unchanged when ``bq``
+        has no shift). The shift constant is made once per weight (the readers of a shared weight share
+        it). ``form``: the layer's emitted form.
         """
         if bq.shift is None:
             return outs
-        g, base = t.graph, t.weight.name
-        nb = bq.n_blocks
+        g, rc, stem = t.graph, self._rc, t.node.name or t.weight.name
         sc = self._shifts.get(id(t.weight))
         if sc is None:
-            sc = self._shifts[id(t.weight)] = gs.Constant(namer.fresh(base, "hqq_shift"),
-                                                          np.ascontiguousarray(bq.shift.T, dtype=np.float32))
-        stem = t.node.name or base
-        y_int = gs.Variable(namer.fresh(stem, "int_zero"), dtype=np.float32)
-        src = x
+            sc = self._shifts[id(t.weight)] = rc.constant(t.weight.name, "hqq_shift", bq.shift.T.astype(np.float32))
+
+        def op(name: str, inputs: list, suffix: str, domain: str = "", **attrs) -> gs.Variable:
+            out = gs.Variable(rc.namer.fresh(stem, suffix), dtype=np.float32)
+            rc.node(g, name, stem, inputs, [out], attrs).domain = domain
+            return out
+
+        nb, src = bq.n_blocks, x
         if nb > 1:
-            rank = self._rank(x)
+            rank = rc.rank(x)
             pad = nb * bq.block_size - bq.cols
             if pad:  # a ragged last block: zeros to a whole one
-                padded = gs.Variable(namer.fresh(stem, "padded"), dtype=np.float32)
-                pads = [0] * (2 * rank)
-                pads[-1] = pad
-                if self._opset >= 11:
-                    g.nodes.append(gs.Node("Pad", name=namer.fresh(stem, "Pad"), outputs=[padded], inputs=[
-                        src, gs.Constant(namer.fresh(stem, "pads"), np.array(pads, np.int64))]))
-                else:
-                    g.nodes.append(gs.Node("Pad", name=namer.fresh(stem, "Pad"), inputs=[src], outputs=[padded],
-                                           attrs={"pads": pads}))
-                src = padded
-            shape = gs.Constant(namer.fresh(stem, "blocks_shape"),
-                                np.array([0] * (rank - 1) + [nb, bq.block_size], np.int64))
-            blocks = gs.Variable(namer.fresh(stem, "blocks"), dtype=np.float32)
-            g.nodes.append(gs.Node("Reshape", name=namer.fresh(stem, "Reshape"), inputs=[src, shape], outputs=[blocks]))
-            src = blocks
-        sums = gs.Variable(namer.fresh(stem, "block_sums"), dtype=np.float32)
+                pads = [0] * (2 * rank - 1) + [pad]  # begins of every axis, then ends: only the last grows
+                src = op("Pad", [src, rc.constant(stem, "pads", np.array(pads, np.int64))], "padded") \
+                    if rc.opset >= 11 else op("Pad", [src], "padded", pads=pads)
+            src = op("Reshape", [src, rc.constant(stem, "blocks_shape", np.array([0] * (rank - 1) + [nb, bq.block_size],
+                                                                             np.int64))], "blocks")
         keep = int(nb == 1)  # [..., 1] or [..., nb]: either way a matrix product with shiftᵀ[nb, N]
-        if self._opset >= 13:
-            axes = gs.Constant(namer.fresh(stem, "axes"), np.array([-1], np.int64))
-            g.nodes.append(gs.Node("ReduceSum", name=namer.fresh(stem, "ReduceSum"), inputs=[src, axes],
-                                   outputs=[sums], attrs={"keepdims": keep}))
-        else:
-            g.nodes.append(gs.Node("ReduceSum", name=namer.fresh(stem, "ReduceSum"), inputs=[src], outputs=[sums],
-                                   attrs={"axes": [-1], "keepdims": keep}))
-        corr = gs.Variable(namer.fresh(stem, "hqq_correction"), dtype=np.float32)
+        sums = op("ReduceSum", [src, rc.constant(stem, "axes", np.array([-1], np.int64))], "block_sums", keepdims=keep) \
+            if rc.opset >= 13 else op("ReduceSum", [src], "block_sums", axes=[-1], keepdims=keep)
         if form == "matmulnbits":  # the model uses com.microsoft already
-            g.nodes.append(gs.Node("FusedMatMul", name=namer.fresh(stem, "hqq_shift"), domain=MS_DOMAIN,
-                                   inputs=[sums, sc], outputs=[corr]))
+            corr = op("FusedMatMul", [sums, sc], "hqq_correction", MS_DOMAIN)
         else:
-            g.nodes.append(gs.Node("Einsum", name=namer.fresh(stem, "hqq_shift"), inputs=[sums, sc], outputs=[corr],
-                                   attrs={"equation": "...b,bn->...n"}))
-        g.nodes.append(gs.Node("Add", name=namer.fresh(stem, "hqq_add"), inputs=[y_int, corr], outputs=outs))
+            corr = op("Einsum", [sums, sc], "hqq_correction", equation="...b,bn->...n")
+        y_int = gs.Variable(rc.namer.fresh(stem, "int_zero"), dtype=np.float32)
+        rc.node(g, "Add", stem, [y_int, corr], outs)
         return [y_int]
