@@ -37,7 +37,7 @@ onnxruntime leaves float); hqq was significantly above at all four (p = 0.003–
 held-out logit MSE 1.5–1.9×. At block 32 rtn was not below onnxruntime and hqq was no more accurate
 (test split 0.9600 / 0.9578 at levels 0 / 4, rtn 0.9600 / 0.9600), and the shift costs 4 bytes a
 block: +20% of the 4-bit bytes at block 32 (+11% at 64, +6% at 128; the whole file at block 64: +9% on
-the transformer, +12% on the MLP), plus three to five small ops per layer (+0.07–0.13× of the fp32
+the transformer, +12% on the MLP), plus three to five small ops per layer (+0.05–0.14× of the fp32
 latency on the digits transformer, batch 1 and 64).
 
 *Why not search without data.* With h = 1 the search assumes isotropic inputs, and its lower
